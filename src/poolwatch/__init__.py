@@ -1,0 +1,3 @@
+"""poolwatch: PgBouncer and PostgreSQL connection-pool health for Prometheus."""
+
+__version__ = "0.1.0"

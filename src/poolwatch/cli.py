@@ -1,0 +1,239 @@
+"""Command line: argument parsing, exit codes, signal handling. No business logic lives here.
+
+Exit codes: 0 success, 1 a check failed (``doctor``), 2 bad input (config, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+from poolwatch import __version__
+from poolwatch.config import CommandLine, Config, ConfigError, config_from_command_line, load_config
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
+SHUTDOWN_GRACE = 4.0  # seconds; SIGTERM must end the process within 5 s
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _target_options(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument(
+        "--config", "-c", metavar="FILE", default=env("POOLWATCH_CONFIG"),
+        help="YAML config file (env POOLWATCH_CONFIG)",
+    )
+    parser.add_argument(
+        "--pgbouncer", metavar="DSN", default=env("POOLWATCH_PGBOUNCER_DSN"),
+        help="PgBouncer admin console DSN, e.g. 'host=127.0.0.1 port=6432 dbname=pgbouncer user=poolwatch' "
+        "(env POOLWATCH_PGBOUNCER_DSN; put the password in PGPASSWORD or a passfile, not here)",
+    )
+    parser.add_argument(
+        "--postgres", metavar="DSN", default=env("POOLWATCH_POSTGRES_DSN"),
+        help="PostgreSQL DSN (env POOLWATCH_POSTGRES_DSN)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="poolwatch", description="PgBouncer and PostgreSQL pool health for Prometheus.")
+    parser.add_argument("--version", action="version", version=f"poolwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the daemon (the default)")
+    _target_options(run)
+    run.add_argument("--listen", metavar="HOST:PORT", default=os.environ.get("POOLWATCH_LISTEN"),
+                     help="where to serve /metrics (env POOLWATCH_LISTEN; default 0.0.0.0:9127)")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
+    run.add_argument("--log-format", choices=("auto", "json", "console"), default=None)
+
+    check = sub.add_parser("check-config", help="validate a config file without connecting")
+    check.add_argument("file", metavar="FILE")
+
+    demo = sub.add_parser("demo", help="run poolwatch on a throwaway PostgreSQL + PgBouncer with load")
+    demo.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0",
+                      help="where to serve /metrics (default: a free loopback port)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or args_list[0].startswith("-") and args_list[0] not in ("-h", "--help", "--version"):
+        args_list.insert(0, "run")
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        if args.command == "check-config":
+            return _check_config(Path(args.file))
+        if args.command == "demo":
+            from poolwatch import demo
+
+            return demo.main(listen=args.listen, start_daemon=run_daemon_for_demo)
+        return _run(args)
+    except ConfigError as exc:
+        for line in exc.lines:
+            print(f"poolwatch: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _check_config(path: Path) -> int:
+    config = load_config(path)
+    print(f"{path}: ok ({len(config.pgbouncers)} PgBouncer and {len(config.postgres)} PostgreSQL targets)")
+    return EXIT_OK
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """File (if any), then the DSN/listen options on top; raises ``ConfigError``."""
+    base = load_config(Path(args.config)) if args.config else None
+    opts = CommandLine(pgbouncer_dsn=args.pgbouncer, postgres_dsn=args.postgres,
+                       listen=getattr(args, "listen", None))
+    if base is not None and not (opts.pgbouncer_dsn or opts.postgres_dsn or opts.listen):
+        return base
+    config = config_from_command_line(opts, base)
+    if not config.pgbouncers and not config.postgres:
+        raise ConfigError(["nothing to watch: give --config FILE, --pgbouncer DSN or --postgres DSN "
+                           "(or POOLWATCH_CONFIG, POOLWATCH_PGBOUNCER_DSN, POOLWATCH_POSTGRES_DSN)"])
+    return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = resolve_config(args)
+    updates: dict[str, Any] = {}
+    if args.log_level:
+        updates["level"] = args.log_level
+    if args.log_format:
+        updates["format"] = args.log_format
+    if updates:
+        config = config.model_copy(update={"log": config.log.model_copy(update=updates)})
+    reload: Callable[[], Config] = lambda: resolve_config(args)  # noqa: E731
+    return asyncio.run(serve(config, reload=reload))
+
+
+@dataclass
+class Running:
+    """A started daemon, for the demo and the tests: where it listens and how to stop it."""
+
+    url: str
+    stop: Callable[[], None]
+
+
+async def serve(
+    config: Config,
+    *,
+    reload: Callable[[], Config] | None = None,
+    on_listening: Callable[[Running], None] | None = None,
+    install_signals: bool = True,
+) -> int:
+    """Run until SIGTERM/SIGINT (or ``Running.stop``); SIGHUP reloads via ``reload``."""
+    from aiohttp import web
+
+    from poolwatch import logs
+    from poolwatch.collect import Engine
+    from poolwatch.server import make_app
+
+    logs.configure(config.log.level, config.log.format)
+    log = logs.get_logger("poolwatch")
+    _warn_inline_passwords(config, log)
+
+    engine = Engine(config)
+    holder = {"engine": engine}
+    app = make_app(lambda: holder["engine"])
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError([f"listen: cannot listen on {config.listen.host}:{config.listen.port}: "
+                           f"{exc.strerror or exc}"]) from None
+    await engine.start()
+    host, port = _bound_address(runner, config)
+    url = f"http://{host}:{port}"
+    log.info("listening", url=url, metrics=f"{url}/metrics", version=__version__,
+             pgbouncers=[t.name for t in config.pgbouncers], postgres=[t.name for t in config.postgres])
+
+    loop = asyncio.get_running_loop()
+    stop_event = asyncio.Event()
+    reloading = asyncio.Lock()
+
+    async def do_reload() -> None:
+        if reload is None:
+            return
+        async with reloading:
+            try:
+                new_config = reload()
+            except ConfigError as exc:
+                log.error("reload rejected, keeping the running config", problems=exc.lines)
+                return
+            if new_config.listen != holder["engine"].config.listen:
+                log.warning("listen address changes need a restart; keeping the current one")
+            new_engine = Engine(new_config)
+            await new_engine.start()
+            old, holder["engine"] = holder["engine"], new_engine
+            await old.stop()
+            log.info("config reloaded", pgbouncers=[t.name for t in new_config.pgbouncers],
+                     postgres=[t.name for t in new_config.postgres])
+
+    if install_signals:
+        loop.add_signal_handler(signal.SIGTERM, stop_event.set)
+        loop.add_signal_handler(signal.SIGINT, stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(do_reload()))
+    if on_listening is not None:
+        on_listening(Running(url=url, stop=lambda: loop.call_soon_threadsafe(stop_event.set)))
+    try:
+        await stop_event.wait()
+    finally:
+        log.info("shutting down")
+        try:
+            async with asyncio.timeout(SHUTDOWN_GRACE):
+                await runner.cleanup()
+                await holder["engine"].stop()
+        except TimeoutError:
+            log.warning("shutdown did not finish in time; exiting anyway")
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+    return EXIT_OK
+
+
+def _bound_address(runner: Any, config: Config) -> tuple[str, int]:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            host = config.listen.host
+            if host in ("0.0.0.0", "::", ""):
+                host = "127.0.0.1"
+            return host, int(address[1])
+    return config.listen.host, config.listen.port
+
+
+def _warn_inline_passwords(config: Config, log: Any) -> None:
+    for target in [*config.pgbouncers, *config.postgres]:
+        if target.inline_password():
+            log.warning(
+                "a password is written in the DSN; use password_file or password_env instead "
+                "(a DSN on the command line is visible in ps)",
+                target=target.name,
+            )
+
+
+def run_daemon_for_demo(config: Config, on_listening: Callable[[Running], None]) -> int:
+    """The demo's entry into the daemon: same code path as ``poolwatch run``."""
+    return asyncio.run(serve(config, on_listening=on_listening))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

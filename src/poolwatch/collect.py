@@ -1,0 +1,354 @@
+"""The scheduler: collections per target with deadlines, probes on their own clock, one snapshot.
+
+Every target is collected concurrently and bounded by the collection timeout, so a hung or dead
+target costs the others nothing. Concurrent scrapes share one in-flight collection, and a scrape
+that arrives within ``collection.max_age`` of the last one is served the rendered bytes of that
+snapshot: the PgBouncer console sees one round of SHOW commands however many scrapers there are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import platform
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from prometheus_client.core import CollectorRegistry
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+from poolwatch import __version__
+from poolwatch.config import Config, PgBouncerTarget, PostgresTarget
+from poolwatch.logs import get_logger
+from poolwatch.metrics import ERROR_REASONS, SourceResult, counter, gauge
+from poolwatch.probes import ProbeState, pgbouncer_check, probe_families, run_check
+from poolwatch.sources.pgbouncer import PgBouncerObservation, PgBouncerSource
+from poolwatch.sources.postgres import PostgresSource
+
+log = get_logger("poolwatch.collect")
+
+#: Hook run after every collection (the pool doctor subscribes here); gets the snapshot.
+AfterCollect = Callable[["Snapshot"], Awaitable[None] | None]
+
+
+class Source(Protocol):
+    target: str
+
+    async def collect(self, timeout: float) -> SourceResult: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class TargetRuntime:
+    """A configured target with its source and the book-keeping its self-metrics need."""
+
+    name: str
+    kind: str  # "pgbouncer" | "postgres"
+    source: Source
+    last: SourceResult | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    collections: int = 0
+
+
+@dataclass
+class Snapshot:
+    """One complete collection: families from every target plus poolwatch's own metrics."""
+
+    families: list[Metric]
+    results: dict[str, SourceResult]
+    taken_at: float
+    monotonic: float
+    _rendered: dict[str, bytes] = field(default_factory=dict)
+
+    def render(self, openmetrics: bool = False) -> bytes:
+        key = "om" if openmetrics else "text"
+        cached = self._rendered.get(key)
+        if cached is None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_FamiliesCollector(self.families))
+            cached = generate_openmetrics(registry) if openmetrics else generate_latest(registry)
+            self._rendered[key] = cached
+        return cached
+
+
+class _FamiliesCollector:
+    def __init__(self, families: Sequence[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+class Engine:
+    """Owns the sources of one configuration; replaced whole on a config reload."""
+
+    def __init__(self, config: Config, *, after_collect: Sequence[AfterCollect] = ()) -> None:
+        self.config = config
+        self.targets: list[TargetRuntime] = []
+        self.probes: dict[tuple[str, str, str], ProbeState] = {}
+        self._after_collect = list(after_collect)
+        self._snapshot: Snapshot | None = None
+        self._inflight: asyncio.Task[Snapshot] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = time.time()
+        self.collections_started = 0
+        for pgb in config.pgbouncers:
+            self.targets.append(TargetRuntime(pgb.name, "pgbouncer", _pgbouncer_source(pgb)))
+        for pg in config.postgres:
+            self.targets.append(TargetRuntime(pg.name, "postgres", _postgres_source(pg)))
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._collect_loop(), name="collect-loop"))
+        self._tasks.append(asyncio.create_task(self._probe_loop(), name="probe-loop"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._inflight is not None:
+            self._inflight.cancel()
+        for task in [*self._tasks, *([self._inflight] if self._inflight else [])]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await asyncio.gather(*(t.source.close() for t in self.targets), return_exceptions=True)
+
+    # -- collection ------------------------------------------------------------------------------
+    @property
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    async def current(self, max_age: float | None = None) -> Snapshot:
+        """A snapshot no older than ``max_age`` (default: the configured one), sharing in-flight work."""
+        max_age = self.config.collection.max_age if max_age is None else max_age
+        snap = self._snapshot
+        if snap is not None and time.monotonic() - snap.monotonic <= max_age:
+            return snap
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.create_task(self._collect_once(), name="collection")
+        # shield: a scraper that goes away must not cancel the collection other scrapers await
+        return await asyncio.shield(self._inflight)
+
+    async def _collect_once(self) -> Snapshot:
+        self.collections_started += 1
+        timeout = self.config.collection.timeout
+        results = await asyncio.gather(*(self._collect_target(t, timeout) for t in self.targets))
+        snap = Snapshot(
+            families=[],
+            results={r.target + "/" + r.kind: r for r in results},
+            taken_at=time.time(),
+            monotonic=time.monotonic(),
+        )
+        for result in results:
+            snap.families.extend(result.families)
+        snap.families.extend(probe_families(list(self.probes.values())))
+        snap.families.extend(self._self_families())
+        self._snapshot = snap
+        for hook in self._after_collect:
+            try:
+                maybe = hook(snap)
+                if maybe is not None:
+                    await maybe
+            except Exception:
+                log.exception("after-collect hook failed")
+        return snap
+
+    async def _collect_target(self, runtime: TargetRuntime, timeout: float) -> SourceResult:
+        started = time.perf_counter()
+        try:
+            # the source enforces the deadline itself; this outer one is the safety net
+            async with asyncio.timeout(timeout + 1.0):
+                result = await runtime.source.collect(timeout)
+        except TimeoutError:
+            result = SourceResult(
+                runtime.name, runtime.kind, up=False, reason="timeout",
+                detail=f"no answer within {timeout:g}s",
+            )
+        except Exception as exc:  # a bug in a source must not take the daemon down
+            log.exception("collection crashed", target=runtime.name, kind=runtime.kind)
+            result = SourceResult(runtime.name, runtime.kind, up=False, reason="query", detail=repr(exc))
+        result.seconds = time.perf_counter() - started
+        was_up = runtime.last.up if runtime.last else None
+        runtime.last = result
+        runtime.collections += 1
+        if not result.up and result.reason:
+            runtime.errors[result.reason] = runtime.errors.get(result.reason, 0) + 1
+        if was_up is not False and not result.up:
+            log.warning("target down", target=runtime.name, kind=runtime.kind, reason=result.reason,
+                        detail=result.detail)
+        elif was_up is False and result.up:
+            log.info("target recovered", target=runtime.name, kind=runtime.kind)
+        for outcome in result.outcomes:
+            if not outcome.ok:
+                log.debug("collector failed", target=runtime.name, collector=outcome.collector,
+                          reason=outcome.reason, detail=outcome.detail)
+        return result
+
+    async def _collect_loop(self) -> None:
+        while True:
+            try:
+                await self.current(max_age=0.0)
+            except Exception:
+                log.exception("background collection failed")
+            await asyncio.sleep(self.config.collection.interval)
+
+    # -- probes ----------------------------------------------------------------------------------
+    def _probe_plan(self) -> list[tuple[ProbeState, Callable[[float], Awaitable[None]]]]:
+        plan: list[tuple[ProbeState, Callable[[float], Awaitable[None]]]] = []
+        by_name = {t.name: t for t in self.targets}
+        for pgb in self.config.pgbouncers:
+            runtime = by_name[pgb.name]
+            databases = _probe_databases(pgb, runtime.last)
+            params = pgb.connection_params(6432, "pgbouncer")
+            if pgb.probe.user:
+                params["user"] = pgb.probe.user
+            password = pgb.probe.resolve_password() or pgb.password()
+            for database in databases:
+                state = self._probe_state(pgb.name, "pgbouncer", database)
+                plan.append((state, pgbouncer_check(params, database, password)))
+        for pg in self.config.postgres:
+            if not pg.probe:
+                continue
+            source = by_name[pg.name].source
+            if isinstance(source, PostgresSource):
+                params = pg.connection_params(5432, None)
+                state = self._probe_state(pg.name, "postgres", params.get("dbname", params.get("user", "")))
+                plan.append((state, source.select1))
+        return plan
+
+    def _probe_state(self, target: str, kind: str, database: str) -> ProbeState:
+        key = (target, kind, database)
+        if key not in self.probes:
+            self.probes[key] = ProbeState(target, kind, database)
+        return self.probes[key]
+
+    async def run_probes(self) -> None:
+        timeout = self.config.probes.timeout
+        plan = self._probe_plan()
+        await asyncio.gather(*(run_check(state, check, timeout) for state, check in plan))
+
+    async def _probe_loop(self) -> None:
+        # the first probes wait for the first collection: 'auto' needs PgBouncer's database list
+        with contextlib.suppress(Exception):
+            await self.current()
+        while True:
+            try:
+                await self.run_probes()
+            except Exception:
+                log.exception("probe round failed")
+            await asyncio.sleep(self.config.probes.interval)
+
+    # -- readiness and self-metrics ------------------------------------------------------------
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        failing: list[dict[str, Any]] = []
+        for runtime in self.targets:
+            last = runtime.last
+            if last is None:
+                failing.append({"target": runtime.name, "kind": runtime.kind, "reason": "pending",
+                                "detail": "no collection has finished yet"})
+            elif not last.up:
+                failing.append({"target": runtime.name, "kind": runtime.kind, "reason": last.reason,
+                                "detail": last.detail})
+        for state in self.probes.values():
+            if state.success is False:
+                failing.append({"target": state.target, "kind": f"{state.kind}-probe", "database": state.database,
+                                "reason": state.reason, "detail": state.detail})
+        ready = not failing and bool(self.targets)
+        body: dict[str, Any] = {"ready": ready, "targets": len(self.targets), "failing": failing}
+        if not self.targets:
+            body["detail"] = "no targets configured"
+        return ready, body
+
+    def _self_families(self) -> list[Metric]:
+        tk = ("target", "kind")
+        up = gauge("poolwatch_target_up", "1 if the last collection of the target succeeded", tk)
+        down_reason = gauge(
+            "poolwatch_target_down_reason",
+            "1 for the reason the last collection of the target failed (connect, auth, timeout, query, "
+            "privilege, config), 0 for the others",
+            (*tk, "reason"),
+        )
+        duration = gauge("poolwatch_collection_duration_seconds", "Duration of the last collection", tk)
+        last_ts = gauge(
+            "poolwatch_last_collection_timestamp_seconds", "Unix time the last collection finished", tk
+        )
+        errors = counter("poolwatch_errors_total", "Failed collections by reason", (*tk, "reason"))
+        collections = counter("poolwatch_collections_total", "Collections run", tk)
+        success = gauge(
+            "poolwatch_collector_success",
+            "1 if the collector's query succeeded in the last collection",
+            ("target", "collector"),
+        )
+        collector_seconds = gauge(
+            "poolwatch_collector_duration_seconds", "Duration of the collector's query", ("target", "collector")
+        )
+        for runtime in self.targets:
+            key = (runtime.name, runtime.kind)
+            last = runtime.last
+            collections.add(key, runtime.collections)
+            for reason in ERROR_REASONS:
+                errors.add((*key, reason), runtime.errors.get(reason, 0))
+            if last is None:
+                continue
+            up.add(key, 1.0 if last.up else 0.0)
+            for reason in ERROR_REASONS:
+                down_reason.add((*key, reason), 1.0 if (not last.up and last.reason == reason) else 0.0)
+            duration.add(key, last.seconds)
+            last_ts.add(key, time.time())
+            for outcome in last.outcomes:
+                collector_name = f"{runtime.kind}_{outcome.collector}"
+                success.add((runtime.name, collector_name), 1.0 if outcome.ok else 0.0)
+                collector_seconds.add((runtime.name, collector_name), outcome.seconds)
+        info = gauge("poolwatch_build_info", "poolwatch version and Python runtime", ("version", "python"))
+        info.add((__version__, platform.python_version()), 1)
+        start = gauge("poolwatch_start_time_seconds", "Unix time poolwatch started")
+        start.add((), self._started)
+        builders = (up, down_reason, duration, last_ts, errors, collections, success, collector_seconds,
+                    info, start)
+        return [b.build() for b in builders if len(b)]
+
+
+def _probe_databases(target: PgBouncerTarget, last: SourceResult | None) -> list[str]:
+    wanted = target.probe.databases
+    if wanted != "auto":
+        return list(wanted)
+    observation = last.observation if last else None
+    if not isinstance(observation, PgBouncerObservation):
+        return []
+    names = []
+    for row in observation.databases:
+        name = row.get("name")
+        if isinstance(name, str) and name != "pgbouncer" and name not in names:
+            names.append(name)
+    return sorted(names)[: target.probe.max_databases]
+
+
+def _pgbouncer_source(target: PgBouncerTarget) -> PgBouncerSource:
+    from psycopg.conninfo import make_conninfo
+
+    params = target.connection_params(6432, "pgbouncer")
+    return PgBouncerSource(
+        target.name,
+        make_conninfo("", **params),
+        target.password(),
+        connect_timeout=target.connect_timeout,
+        hold_connection=target.hold_connection,
+    )
+
+
+def _postgres_source(target: PostgresTarget) -> PostgresSource:
+    from poolwatch.config import postgres_url
+
+    params = target.connection_params(5432, None)
+    return PostgresSource(
+        target.name,
+        postgres_url(params),
+        target.password(),
+        connect_timeout=target.connect_timeout,
+        pool_max_size=target.pool_max_size,
+    )

@@ -1,0 +1,95 @@
+"""HTTP endpoints. Nothing here talks to a database: it asks the engine for a snapshot.
+
+Every handler is bounded: ``/metrics`` waits at most the collection timeout plus a margin (the
+engine enforces per-target deadlines), ``/healthz`` answers from memory, ``/readyz`` reads the
+last results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+from collections.abc import Callable
+
+from aiohttp import web
+
+from poolwatch import __version__
+from poolwatch.collect import Engine
+from poolwatch.logs import get_logger
+
+log = get_logger("poolwatch.server")
+
+TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+ENGINE_KEY: web.AppKey[Callable[[], Engine]] = web.AppKey("engine", Callable[[], Engine])  # type: ignore[arg-type]
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """Content negotiation as Prometheus does it: OpenMetrics only when the scraper asks for it."""
+    for part in accept.split(","):
+        if part.split(";")[0].strip().lower() == "application/openmetrics-text":
+            return True
+    return False
+
+
+async def metrics(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]()
+    deadline = engine.config.collection.timeout + 2.0
+    try:
+        async with asyncio.timeout(deadline):
+            snapshot = await engine.current()
+    except TimeoutError:
+        # a stale snapshot is better than none: the self-metrics in it say how old it is
+        stale = engine.snapshot
+        if stale is None:
+            return web.Response(status=503, text="collection did not finish in time\n")
+        snapshot = stale
+    openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
+    body = snapshot.render(openmetrics=openmetrics)
+    return web.Response(body=body, headers={"Content-Type": OPENMETRICS_TYPE if openmetrics else TEXT_TYPE})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready, body = request.app[ENGINE_KEY]().readiness()
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def index(request: web.Request) -> web.Response:
+    links = "".join(
+        f'<li><a href="{html.escape(path)}">{html.escape(path)}</a> — {html.escape(what)}</li>'
+        for path, what in (
+            ("metrics", "Prometheus metrics"),
+            ("healthz", "the process is alive"),
+            ("readyz", "every target answered its last collection"),
+            *(extra for extra in request.app.get(EXTRA_LINKS_KEY, ())),
+        )
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>poolwatch</title></head><body>"
+        f"<h1>poolwatch {html.escape(__version__)}</h1><ul>{links}</ul></body></html>"
+    )
+    return web.Response(text=page, content_type="text/html")
+
+
+EXTRA_LINKS_KEY: web.AppKey[list[tuple[str, str]]] = web.AppKey("extra_links", list)
+
+
+def make_app(engine: Callable[[], Engine]) -> web.Application:
+    app = web.Application()
+    app[ENGINE_KEY] = engine
+    app[EXTRA_LINKS_KEY] = []
+    app.router.add_get("/", index)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def json_dumps(value: object) -> str:
+    return json.dumps(value, indent=2, sort_keys=True)

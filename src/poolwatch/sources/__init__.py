@@ -1,0 +1,1 @@
+"""One module per data source: I/O shell plus pure row → metric-family functions."""
