@@ -23,26 +23,52 @@ def write(tmp_path: Path, text: str) -> Path:
 
 BAD_CONFIGS = [
     ("unknown top-level key", "listne: ':9127'\n", "listne: unknown key"),
-    ("unknown nested key", "pgbouncers:\n  - name: a\n    pasword_file: /x\n", "pgbouncers[0].pasword_file: unknown key"),
-    ("port out of range", "pgbouncers:\n  - name: a\n    port: 70000\n",
-     "pgbouncers[0].port: Input should be less than or equal to 65535 (got 70000)"),
-    ("wrong type", "collection:\n  timeout: soon\n",
-     "collection.timeout: expected a duration such as 5, 5s, 500ms, 2m or 1h (got 'soon')"),
-    ("negative duration", "probes:\n  interval: -1\n", "probes.interval: Input should be greater than 0 (got -1)"),
-    ("missing password file", "pgbouncers:\n  - name: a\n    password_file: /nonexistent/pw\n",
-     "pgbouncers[0].password_file: password file '/nonexistent/pw' does not exist or is not a file"),
+    (
+        "unknown nested key",
+        "pgbouncers:\n  - name: a\n    pasword_file: /x\n",
+        "pgbouncers[0].pasword_file: unknown key",
+    ),
+    (
+        "port out of range",
+        "pgbouncers:\n  - name: a\n    port: 70000\n",
+        "pgbouncers[0].port: Input should be less than or equal to 65535 (got 70000)",
+    ),
+    (
+        "wrong type",
+        "collection:\n  timeout: soon\n",
+        "collection.timeout: expected a duration such as 5, 5s, 500ms, 2m or 1h (got 'soon')",
+    ),
+    (
+        "negative duration",
+        "probes:\n  interval: -1\n",
+        "probes.interval: Input should be greater than 0 (got -1)",
+    ),
+    (
+        "missing password file",
+        "pgbouncers:\n  - name: a\n    password_file: /nonexistent/pw\n",
+        "pgbouncers[0].password_file: password file '/nonexistent/pw' does not exist or is not a file",
+    ),
     ("missing name", "postgres:\n  - dsn: 'host=x'\n", "postgres[0].name: required field is missing"),
-    ("bad dsn", "postgres:\n  - name: p\n    dsn: 'host=x port'\n",
-     "postgres[0].dsn: not a valid connection string: missing \"=\" after \"port\" in connection info string"),
+    (
+        "bad dsn",
+        "postgres:\n  - name: p\n    dsn: 'host=x port'\n",
+        'postgres[0].dsn: not a valid connection string: missing "=" after "port" in connection info string',
+    ),
     ("bad sslmode", "postgres:\n  - name: p\n    sslmode: maybe\n", "postgres[0].sslmode: Input should be"),
     ("duplicate names", "postgres:\n  - name: p\n  - name: p\n", "postgres: target name 'p' is used twice"),
     ("not a mapping", "- a\n- b\n", "the top level must be a mapping, got list"),
     ("invalid yaml", "listen: [\n", "invalid YAML"),
     ("bad listen", "listen: 'localhost:http'\n", "listen: listen address 'localhost:http' is not HOST:PORT"),
-    ("probe cap negative", "pgbouncers:\n  - name: a\n    probe:\n      max_databases: -2\n",
-     "pgbouncers[0].probe.max_databases: Input should be greater than or equal to 0 (got -2)"),
-    ("hold_connection value", "pgbouncers:\n  - name: a\n    hold_connection: sometimes\n",
-     "pgbouncers[0].hold_connection: Input should be 'auto', 'always' or 'never' (got 'sometimes')"),
+    (
+        "probe cap negative",
+        "pgbouncers:\n  - name: a\n    probe:\n      max_databases: -2\n",
+        "pgbouncers[0].probe.max_databases: Input should be greater than or equal to 0 (got -2)",
+    ),
+    (
+        "hold_connection value",
+        "pgbouncers:\n  - name: a\n    hold_connection: sometimes\n",
+        "pgbouncers[0].hold_connection: Input should be 'auto', 'always' or 'never' (got 'sometimes')",
+    ),
 ]
 
 
@@ -62,11 +88,15 @@ def test_check_config_exits_2_without_traceback(tmp_path: Path, case: str, text:
     path = write(tmp_path, text)
     proc = subprocess.run(
         [sys.executable, "-m", "poolwatch.cli", "check-config", str(path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [f"poolwatch: {path}: " + proc.stderr.split(f"{path}: ", 1)[1].strip()]
+    assert proc.stderr.strip().splitlines() == [
+        f"poolwatch: {path}: " + proc.stderr.split(f"{path}: ", 1)[1].strip()
+    ]
     assert expected in proc.stderr
 
 
@@ -92,11 +122,16 @@ def test_check_config_ok(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_missing_file_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", "/nonexistent/poolwatch.yaml"]) == 2
-    assert capsys.readouterr().err.strip() == "poolwatch: /nonexistent/poolwatch.yaml: config file does not exist"
+    assert (
+        capsys.readouterr().err.strip()
+        == "poolwatch: /nonexistent/poolwatch.yaml: config file does not exist"
+    )
 
 
 def test_durations_and_defaults(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, "collection:\n  timeout: 500ms\n  interval: 2m\nprobes:\n  interval: 1h\n"))
+    config = load_config(
+        write(tmp_path, "collection:\n  timeout: 500ms\n  interval: 2m\nprobes:\n  interval: 1h\n")
+    )
     assert config.collection.timeout == 0.5
     assert config.collection.interval == 120.0
     assert config.probes.interval == 3600.0
@@ -106,17 +141,22 @@ def test_password_file_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     secret = tmp_path / "pw"
     secret.write_text("s3cret\n")
     monkeypatch.setenv("PW_FOR_TEST", "from-env")
-    config = load_config(write(
-        tmp_path,
-        f"pgbouncers:\n  - name: a\n    password_file: {secret}\npostgres:\n  - name: b\n    password_env: PW_FOR_TEST\n",
-    ))
+    config = load_config(
+        write(
+            tmp_path,
+            f"pgbouncers:\n  - name: a\n    password_file: {secret}\n"
+            "postgres:\n  - name: b\n    password_env: PW_FOR_TEST\n",
+        )
+    )
     assert config.pgbouncers[0].password() == "s3cret"
     assert config.postgres[0].password() == "from-env"
     # the password never appears in the model's printable form
     assert "s3cret" not in repr(config) and "from-env" not in repr(config)
 
 
-def test_no_targets_is_a_usage_error(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_targets_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for var in ("POOLWATCH_CONFIG", "POOLWATCH_PGBOUNCER_DSN", "POOLWATCH_POSTGRES_DSN", "POOLWATCH_LISTEN"):
         monkeypatch.delenv(var, raising=False)
     assert main(["run"]) == 2
@@ -124,8 +164,13 @@ def test_no_targets_is_a_usage_error(capsys: pytest.CaptureFixture[str], monkeyp
 
 
 def test_unknown_argument_is_one_line() -> None:
-    proc = subprocess.run([sys.executable, "-m", "poolwatch.cli", "run", "--bogus"],
-                          capture_output=True, text=True, timeout=60, env={**os.environ})
+    proc = subprocess.run(
+        [sys.executable, "-m", "poolwatch.cli", "run", "--bogus"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "poolwatch: error: unrecognized arguments: --bogus"
 
@@ -140,8 +185,9 @@ def test_listen_parsing() -> None:
 def test_redact_and_asyncpg_url() -> None:
     assert "hunter2" not in redact("host=a password=hunter2 user=u")
     assert "hunter2" not in redact("postgresql://u:hunter2@h/db")
-    url = postgres_url({"host": "db.example", "port": "5433", "user": "mon itor", "dbname": "postgres",
-                        "sslmode": "require"})
+    url = postgres_url(
+        {"host": "db.example", "port": "5433", "user": "mon itor", "dbname": "postgres", "sslmode": "require"}
+    )
     assert url == "postgresql://mon%20itor@db.example:5433/postgres?sslmode=require"
     assert postgres_url({"host": "/tmp/sock", "port": "5432", "user": "u", "dbname": "d"}) == (
         "postgresql://u@/d?host=/tmp/sock&port=5432"

@@ -32,16 +32,23 @@ class _Parser(argparse.ArgumentParser):
 def _target_options(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument(
-        "--config", "-c", metavar="FILE", default=env("POOLWATCH_CONFIG"),
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=env("POOLWATCH_CONFIG"),
         help="YAML config file (env POOLWATCH_CONFIG)",
     )
     parser.add_argument(
-        "--pgbouncer", metavar="DSN", default=env("POOLWATCH_PGBOUNCER_DSN"),
+        "--pgbouncer",
+        metavar="DSN",
+        default=env("POOLWATCH_PGBOUNCER_DSN"),
         help="PgBouncer admin console DSN, e.g. 'host=127.0.0.1 port=6432 dbname=pgbouncer user=poolwatch' "
         "(env POOLWATCH_PGBOUNCER_DSN; put the password in PGPASSWORD or a passfile, not here)",
     )
     parser.add_argument(
-        "--postgres", metavar="DSN", default=env("POOLWATCH_POSTGRES_DSN"),
+        "--postgres",
+        metavar="DSN",
+        default=env("POOLWATCH_POSTGRES_DSN"),
         help="PostgreSQL DSN (env POOLWATCH_POSTGRES_DSN)",
     )
 
@@ -53,29 +60,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon (the default)")
     _target_options(run)
-    run.add_argument("--listen", metavar="HOST:PORT", default=os.environ.get("POOLWATCH_LISTEN"),
-                     help="where to serve /metrics (env POOLWATCH_LISTEN; default 0.0.0.0:9127)")
+    run.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=os.environ.get("POOLWATCH_LISTEN"),
+        help="where to serve /metrics (env POOLWATCH_LISTEN; default 0.0.0.0:9127)",
+    )
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
     run.add_argument("--log-format", choices=("auto", "json", "console"), default=None)
 
     check = sub.add_parser("check-config", help="validate a config file without connecting")
     check.add_argument("file", metavar="FILE")
 
+    doctor = sub.add_parser("doctor", help="judge the live system against the production checklist, once")
+    _target_options(doctor)
+    doctor.add_argument("--format", choices=("text", "json"), default="text")
+    doctor.add_argument(
+        "--sample-seconds",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="time between the two collections that rates are measured over (default 3)",
+    )
+
     demo = sub.add_parser("demo", help="run poolwatch on a throwaway PostgreSQL + PgBouncer with load")
-    demo.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:0",
-                      help="where to serve /metrics (default: a free loopback port)")
+    demo.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default="127.0.0.1:0",
+        help="where to serve /metrics (default: a free loopback port)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or args_list[0].startswith("-") and args_list[0] not in ("-h", "--help", "--version"):
+    if not args_list or (args_list[0].startswith("-") and args_list[0] not in ("-h", "--help", "--version")):
         args_list.insert(0, "run")
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:
         if args.command == "check-config":
             return _check_config(Path(args.file))
+        if args.command == "doctor":
+            return _doctor(args)
         if args.command == "demo":
             from poolwatch import demo
 
@@ -95,17 +123,59 @@ def _check_config(path: Path) -> int:
     return EXIT_OK
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from poolwatch import logs
+    from poolwatch.doctor import report
+    from poolwatch.doctor.model import Status
+
+    if args.sample_seconds < 0:
+        raise ConfigError([f"--sample-seconds: must be 0 or more (got {args.sample_seconds:g})"])
+    config = resolve_config(args)
+    config = config.model_copy(update={"doctor": config.doctor.model_copy(update={"enabled": True})})
+    # the report is the output; log lines would only interleave with it
+    logs.configure("error", "console" if sys.stderr.isatty() else "json")
+    findings = asyncio.run(run_doctor_once(config, args.sample_seconds))
+    if args.format == "json":
+        print(report.to_json(findings))
+    else:
+        print(
+            report.to_terminal(findings, colour=sys.stdout.isatty() and "NO_COLOR" not in os.environ), end=""
+        )
+    return EXIT_CHECK_FAILED if any(f.status is Status.FAIL for f in findings) else EXIT_OK
+
+
+async def run_doctor_once(config: Config, sample_seconds: float) -> list[Any]:
+    """Two collections ``sample_seconds`` apart (rates need two points) with probes between them."""
+    from poolwatch.collect import Engine
+
+    engine = Engine(config)
+    try:
+        await engine.current(max_age=0.0)
+        await engine.run_probes()
+        await asyncio.sleep(sample_seconds)
+        await engine.current(max_age=0.0)
+        assert engine.doctor is not None
+        return list(engine.doctor.findings)
+    finally:
+        await engine.stop()
+
+
 def resolve_config(args: argparse.Namespace) -> Config:
     """File (if any), then the DSN/listen options on top; raises ``ConfigError``."""
     base = load_config(Path(args.config)) if args.config else None
-    opts = CommandLine(pgbouncer_dsn=args.pgbouncer, postgres_dsn=args.postgres,
-                       listen=getattr(args, "listen", None))
+    opts = CommandLine(
+        pgbouncer_dsn=args.pgbouncer, postgres_dsn=args.postgres, listen=getattr(args, "listen", None)
+    )
     if base is not None and not (opts.pgbouncer_dsn or opts.postgres_dsn or opts.listen):
         return base
     config = config_from_command_line(opts, base)
     if not config.pgbouncers and not config.postgres:
-        raise ConfigError(["nothing to watch: give --config FILE, --pgbouncer DSN or --postgres DSN "
-                           "(or POOLWATCH_CONFIG, POOLWATCH_PGBOUNCER_DSN, POOLWATCH_POSTGRES_DSN)"])
+        raise ConfigError(
+            [
+                "nothing to watch: give --config FILE, --pgbouncer DSN or --postgres DSN "
+                "(or POOLWATCH_CONFIG, POOLWATCH_PGBOUNCER_DSN, POOLWATCH_POSTGRES_DSN)"
+            ]
+        )
     return config
 
 
@@ -158,13 +228,20 @@ async def serve(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError([f"listen: cannot listen on {config.listen.host}:{config.listen.port}: "
-                           f"{exc.strerror or exc}"]) from None
+        raise ConfigError(
+            [f"listen: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}"]
+        ) from None
     await engine.start()
     host, port = _bound_address(runner, config)
     url = f"http://{host}:{port}"
-    log.info("listening", url=url, metrics=f"{url}/metrics", version=__version__,
-             pgbouncers=[t.name for t in config.pgbouncers], postgres=[t.name for t in config.postgres])
+    log.info(
+        "listening",
+        url=url,
+        metrics=f"{url}/metrics",
+        version=__version__,
+        pgbouncers=[t.name for t in config.pgbouncers],
+        postgres=[t.name for t in config.postgres],
+    )
 
     loop = asyncio.get_running_loop()
     stop_event = asyncio.Event()
@@ -185,8 +262,11 @@ async def serve(
             await new_engine.start()
             old, holder["engine"] = holder["engine"], new_engine
             await old.stop()
-            log.info("config reloaded", pgbouncers=[t.name for t in new_config.pgbouncers],
-                     postgres=[t.name for t in new_config.postgres])
+            log.info(
+                "config reloaded",
+                pgbouncers=[t.name for t in new_config.pgbouncers],
+                postgres=[t.name for t in new_config.postgres],
+            )
 
     if install_signals:
         loop.add_signal_handler(signal.SIGTERM, stop_event.set)

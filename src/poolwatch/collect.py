@@ -23,6 +23,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 
 from poolwatch import __version__
 from poolwatch.config import Config, PgBouncerTarget, PostgresTarget
+from poolwatch.doctor.runner import DoctorRunner
 from poolwatch.logs import get_logger
 from poolwatch.metrics import ERROR_REASONS, SourceResult, counter, gauge
 from poolwatch.probes import ProbeState, pgbouncer_check, probe_families, run_check
@@ -97,6 +98,7 @@ class Engine:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.time()
         self.collections_started = 0
+        self.doctor: DoctorRunner | None = DoctorRunner(config) if config.doctor.enabled else None
         for pgb in config.pgbouncers:
             self.targets.append(TargetRuntime(pgb.name, "pgbouncer", _pgbouncer_source(pgb)))
         for pg in config.postgres:
@@ -147,6 +149,12 @@ class Engine:
         for result in results:
             snap.families.extend(result.families)
         snap.families.extend(probe_families(list(self.probes.values())))
+        if self.doctor is not None:
+            try:
+                self.doctor.observe(results, self.probes.values())
+                snap.families.extend(self.doctor.families())
+            except Exception:  # the doctor must never cost the metrics
+                log.exception("pool doctor failed")
         snap.families.extend(self._self_families())
         self._snapshot = snap
         for hook in self._after_collect:
@@ -166,7 +174,10 @@ class Engine:
                 result = await runtime.source.collect(timeout)
         except TimeoutError:
             result = SourceResult(
-                runtime.name, runtime.kind, up=False, reason="timeout",
+                runtime.name,
+                runtime.kind,
+                up=False,
+                reason="timeout",
                 detail=f"no answer within {timeout:g}s",
             )
         except Exception as exc:  # a bug in a source must not take the daemon down
@@ -179,14 +190,24 @@ class Engine:
         if not result.up and result.reason:
             runtime.errors[result.reason] = runtime.errors.get(result.reason, 0) + 1
         if was_up is not False and not result.up:
-            log.warning("target down", target=runtime.name, kind=runtime.kind, reason=result.reason,
-                        detail=result.detail)
+            log.warning(
+                "target down",
+                target=runtime.name,
+                kind=runtime.kind,
+                reason=result.reason,
+                detail=result.detail,
+            )
         elif was_up is False and result.up:
             log.info("target recovered", target=runtime.name, kind=runtime.kind)
         for outcome in result.outcomes:
             if not outcome.ok:
-                log.debug("collector failed", target=runtime.name, collector=outcome.collector,
-                          reason=outcome.reason, detail=outcome.detail)
+                log.debug(
+                    "collector failed",
+                    target=runtime.name,
+                    collector=outcome.collector,
+                    reason=outcome.reason,
+                    detail=outcome.detail,
+                )
         return result
 
     async def _collect_loop(self) -> None:
@@ -249,15 +270,34 @@ class Engine:
         for runtime in self.targets:
             last = runtime.last
             if last is None:
-                failing.append({"target": runtime.name, "kind": runtime.kind, "reason": "pending",
-                                "detail": "no collection has finished yet"})
+                failing.append(
+                    {
+                        "target": runtime.name,
+                        "kind": runtime.kind,
+                        "reason": "pending",
+                        "detail": "no collection has finished yet",
+                    }
+                )
             elif not last.up:
-                failing.append({"target": runtime.name, "kind": runtime.kind, "reason": last.reason,
-                                "detail": last.detail})
+                failing.append(
+                    {
+                        "target": runtime.name,
+                        "kind": runtime.kind,
+                        "reason": last.reason,
+                        "detail": last.detail,
+                    }
+                )
         for state in self.probes.values():
             if state.success is False:
-                failing.append({"target": state.target, "kind": f"{state.kind}-probe", "database": state.database,
-                                "reason": state.reason, "detail": state.detail})
+                failing.append(
+                    {
+                        "target": state.target,
+                        "kind": f"{state.kind}-probe",
+                        "database": state.database,
+                        "reason": state.reason,
+                        "detail": state.detail,
+                    }
+                )
         ready = not failing and bool(self.targets)
         body: dict[str, Any] = {"ready": ready, "targets": len(self.targets), "failing": failing}
         if not self.targets:
@@ -285,7 +325,9 @@ class Engine:
             ("target", "collector"),
         )
         collector_seconds = gauge(
-            "poolwatch_collector_duration_seconds", "Duration of the collector's query", ("target", "collector")
+            "poolwatch_collector_duration_seconds",
+            "Duration of the collector's query",
+            ("target", "collector"),
         )
         for runtime in self.targets:
             key = (runtime.name, runtime.kind)
@@ -308,8 +350,18 @@ class Engine:
         info.add((__version__, platform.python_version()), 1)
         start = gauge("poolwatch_start_time_seconds", "Unix time poolwatch started")
         start.add((), self._started)
-        builders = (up, down_reason, duration, last_ts, errors, collections, success, collector_seconds,
-                    info, start)
+        builders = (
+            up,
+            down_reason,
+            duration,
+            last_ts,
+            errors,
+            collections,
+            success,
+            collector_seconds,
+            info,
+            start,
+        )
         return [b.build() for b in builders if len(b)]
 
 

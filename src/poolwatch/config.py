@@ -149,6 +149,11 @@ class PgBouncerProbe(Credentials):
 
 class PgBouncerTarget(Endpoint):
     name: str = Field(min_length=1, description="label value `target` for this PgBouncer")
+    postgres: str | None = Field(
+        default=None,
+        description="name of the postgres target behind this PgBouncer (the doctor compares their limits); "
+        "default: the only postgres target, if there is exactly one",
+    )
     hold_connection: Literal["auto", "always", "never"] = Field(
         default="auto",
         description="keep the admin connection between collections: 'auto' only when its listener is "
@@ -188,6 +193,73 @@ class Probes(_Model):
     timeout: Seconds = Field(default=3.0, description="deadline of one check, connect included")
 
 
+class DoctorThresholds(_Model):
+    """The pool doctor's thresholds; each default and its origin is documented in the README."""
+
+    server_check_delay_max: Seconds = Field(
+        default=60.0, description="idle time before a server is re-checked"
+    )
+    recycle_min: Seconds = Field(default=3600.0, description="server_lifetime lower bound (seed: 1 h)")
+    recycle_max: Seconds = Field(default=14400.0, description="server_lifetime upper bound (seed: 4 h)")
+    reserve_ratio_max: float = Field(default=0.5, ge=0, description="reserve_pool_size / pool_size bound")
+    statement_timeout_min: Seconds = Field(default=30.0, description="statement_timeout band, low end")
+    statement_timeout_max: Seconds = Field(default=60.0, description="statement_timeout band, high end")
+    direct_connections_max: int = Field(default=100, ge=0, description="client backends bypassing PgBouncer")
+    abandoned_per_minute_max: float = Field(default=1.0, ge=0, description="sessions_abandoned rate bound")
+    cores: int | None = Field(default=None, ge=1, description="PostgreSQL server CPU cores, for sizing")
+    spindles: int = Field(default=1, ge=0, description="effective spindle count (SSD: 1)")
+    efficient_connections_max: int = Field(
+        default=300, ge=1, description="connections PostgreSQL serves well"
+    )
+    memory_per_connection_mb: float = Field(default=10.0, gt=0, description="upper estimate per connection")
+    churn_sessions_per_second_min: float = Field(
+        default=1.0, ge=0, description="new sessions/s worth judging"
+    )
+    churn_sessions_per_transaction_max: float = Field(
+        default=0.5, ge=0, description="sessions per transaction"
+    )
+    saturation_warn: float = Field(default=0.75, gt=0, le=1, description="used / usable connection slots")
+    saturation_fail: float = Field(default=0.9, gt=0, le=1, description="used / usable connection slots")
+    long_transaction_warn: Seconds = Field(default=60.0, description="oldest open transaction")
+    long_transaction_fail: Seconds = Field(default=300.0, description="oldest open transaction")
+    idle_in_transaction_warn: Seconds = Field(default=30.0, description="longest idle in transaction")
+    idle_in_transaction_fail: Seconds = Field(default=300.0, description="longest idle in transaction")
+    expect_extra_float_digits: bool = Field(
+        default=False, description="clients send extra_float_digits (lib/pq, JDBC): PgBouncer must ignore it"
+    )
+    history_window: Seconds = Field(default=600.0, description="how far back rates and trends look")
+
+
+class Doctor(_Model):
+    enabled: bool = True
+    interval: Seconds = Field(default=15.0, description="re-evaluate after collections at most this often")
+    defaults: DoctorThresholds = Field(default_factory=DoctorThresholds)
+    targets: dict[str, DoctorThresholds] = Field(
+        default_factory=dict, description="per-target overrides, merged over defaults"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_overrides(cls, data: object) -> object:
+        # an override names only what differs; the rest comes from `defaults`
+        if isinstance(data, dict) and isinstance(data.get("targets"), dict):
+            defaults = data.get("defaults") or {}
+            if isinstance(defaults, DoctorThresholds):
+                defaults = defaults.model_dump()
+            if isinstance(defaults, dict):
+                data = {
+                    **data,
+                    "targets": {
+                        name: ({**defaults, **override} if isinstance(override, dict) else override)
+                        for name, override in data["targets"].items()
+                    },
+                }
+        return data
+
+    def thresholds(self, target: str) -> DoctorThresholds:
+        return self.targets.get(target, self.defaults)
+
+
 class Config(_Model):
     listen: Listen = Field(default_factory=Listen)
     log: Logging = Field(default_factory=Logging)
@@ -195,6 +267,7 @@ class Config(_Model):
     probes: Probes = Field(default_factory=Probes)
     pgbouncers: list[PgBouncerTarget] = Field(default_factory=list)
     postgres: list[PostgresTarget] = Field(default_factory=list)
+    doctor: Doctor = Field(default_factory=Doctor)
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -211,7 +284,21 @@ class Config(_Model):
                 if target.name in seen:
                     raise ValueError(f"{kind}: target name {target.name!r} is used twice")
                 seen.add(target.name)
+        postgres_names = {t.name for t in self.postgres}
+        for index, pgb in enumerate(self.pgbouncers):
+            if pgb.postgres is not None and pgb.postgres not in postgres_names:
+                raise ValueError(f"pgbouncers[{index}].postgres: no postgres target named {pgb.postgres!r}")
+        known = postgres_names | {t.name for t in self.pgbouncers}
+        for name in self.doctor.targets:
+            if name not in known:
+                raise ValueError(f"doctor.targets: no target named {name!r}")
         return self
+
+    def postgres_behind(self, pgbouncer: PgBouncerTarget) -> PostgresTarget | None:
+        """The PostgreSQL a PgBouncer pools for, as configured or implied by there being one."""
+        if pgbouncer.postgres is not None:
+            return next(t for t in self.postgres if t.name == pgbouncer.postgres)
+        return self.postgres[0] if len(self.postgres) == 1 else None
 
 
 def parse_listen(value: str) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def label_text(value: object) -> str:
 class FamilyBuilder:
     """Collects samples for one family; the first sample of a label set wins, later ones are counted."""
 
-    __slots__ = ("name", "documentation", "kind", "labelnames", "unit", "_samples", "duplicates")
+    __slots__ = ("_samples", "documentation", "duplicates", "kind", "labelnames", "name", "unit")
 
     def __init__(
         self,

@@ -106,7 +106,9 @@ def probe_families(states: list[ProbeState]) -> list[Metric]:
         labels,
     )
     last_duration = gauge(
-        "poolwatch_probe_last_duration_seconds", "Duration of the last SELECT 1 check, connect included", labels
+        "poolwatch_probe_last_duration_seconds",
+        "Duration of the last SELECT 1 check, connect included",
+        labels,
     )
     failures = counter(
         "poolwatch_probe_failures_total", "SELECT 1 checks that failed, by reason", (*labels, "reason")

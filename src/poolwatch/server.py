@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
 from collections.abc import Callable
 
 from aiohttp import web
@@ -67,7 +66,7 @@ async def index(request: web.Request) -> web.Response:
             ("metrics", "Prometheus metrics"),
             ("healthz", "the process is alive"),
             ("readyz", "every target answered its last collection"),
-            *(extra for extra in request.app.get(EXTRA_LINKS_KEY, ())),
+            ("checklist", "the pool doctor's verdicts (HTML; ?format=json)"),
         )
     )
     page = (
@@ -77,19 +76,36 @@ async def index(request: web.Request) -> web.Response:
     return web.Response(text=page, content_type="text/html")
 
 
-EXTRA_LINKS_KEY: web.AppKey[list[tuple[str, str]]] = web.AppKey("extra_links", list)
+async def checklist(request: web.Request) -> web.Response:
+    """The doctor's verdicts: HTML for a browser; JSON for ``?format=json`` or an Accept of JSON."""
+    from poolwatch.doctor import report
+
+    engine = request.app[ENGINE_KEY]()
+    if engine.doctor is None:
+        return web.json_response({"error": "the pool doctor is disabled (doctor.enabled: false)"}, status=404)
+    snapshot = engine.snapshot
+    if snapshot is None:
+        try:
+            async with asyncio.timeout(engine.config.collection.timeout + 2.0):
+                snapshot = await engine.current()
+        except TimeoutError:
+            pass
+    findings = engine.doctor.findings
+    fmt = request.query.get("format", "")
+    accept = request.headers.get("Accept", "")
+    if fmt == "json" or (not fmt and "application/json" in accept and "text/html" not in accept):
+        return web.Response(
+            text=report.to_json(findings, engine.doctor.evaluated_at), content_type="application/json"
+        )
+    return web.Response(text=report.to_html(findings, engine.doctor.evaluated_at), content_type="text/html")
 
 
 def make_app(engine: Callable[[], Engine]) -> web.Application:
     app = web.Application()
     app[ENGINE_KEY] = engine
-    app[EXTRA_LINKS_KEY] = []
     app.router.add_get("/", index)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/checklist", checklist)
     return app
-
-
-def json_dumps(value: object) -> str:
-    return json.dumps(value, indent=2, sort_keys=True)
