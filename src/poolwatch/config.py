@@ -90,11 +90,19 @@ class Endpoint(Credentials):
     """A server: a DSN (URL or ``key=value``) or host/port/user/dbname, plus TLS settings."""
 
     dsn: str | None = Field(default=None, description="libpq connection string or URL, without a password")
-    host: str | None = None
-    port: Port | None = None
-    user: str | None = None
-    dbname: str | None = None
-    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = None
+    host: str | None = Field(
+        default=None, description="host name, IP or Unix socket directory (default 127.0.0.1)"
+    )
+    port: Port | None = Field(
+        default=None, description="port (default 6432 for PgBouncer, 5432 for PostgreSQL)"
+    )
+    user: str | None = Field(default=None, description="user to log in as")
+    dbname: str | None = Field(
+        default=None, description="database (PgBouncer default: pgbouncer, the console)"
+    )
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
+        default=None, description="TLS mode, as libpq's sslmode"
+    )
     sslrootcert: Path | None = Field(default=None, description="CA file for verify-ca / verify-full")
     connect_timeout: Seconds = Field(default=5.0, description="time allowed to connect")
 
@@ -159,7 +167,9 @@ class PgBouncerTarget(Endpoint):
         description="keep the admin connection between collections: 'auto' only when its listener is "
         "visible on this host, so a PgBouncer 1.23+ SIGTERM is never delayed",
     )
-    probe: PgBouncerProbe = Field(default_factory=PgBouncerProbe)
+    probe: PgBouncerProbe = Field(
+        default_factory=PgBouncerProbe, description="SELECT 1 through this PgBouncer"
+    )
 
 
 class PostgresTarget(Endpoint):
@@ -169,12 +179,16 @@ class PostgresTarget(Endpoint):
 
 
 class Listen(_Model):
-    host: str = "0.0.0.0"
-    port: Annotated[int, Field(ge=0, le=65535)] = DEFAULT_LISTEN_PORT
+    host: str = Field(default="0.0.0.0", description="address to serve HTTP on")
+    port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        default=DEFAULT_LISTEN_PORT, description="port to serve HTTP on (0: any free port)"
+    )
 
 
 class Logging(_Model):
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="least severe level logged"
+    )
     format: Literal["auto", "json", "console"] = Field(
         default="auto", description="'auto': console on a terminal, JSON lines otherwise"
     )
@@ -231,11 +245,13 @@ class DoctorThresholds(_Model):
 
 
 class Doctor(_Model):
-    enabled: bool = True
-    interval: Seconds = Field(default=15.0, description="re-evaluate after collections at most this often")
-    defaults: DoctorThresholds = Field(default_factory=DoctorThresholds)
+    enabled: bool = Field(default=True, description="evaluate the checklist after every collection")
+    defaults: DoctorThresholds = Field(
+        default_factory=DoctorThresholds, description="thresholds for all targets"
+    )
     targets: dict[str, DoctorThresholds] = Field(
-        default_factory=dict, description="per-target overrides, merged over defaults"
+        default_factory=dict,
+        description="per-target overrides: target name → any doctor.defaults keys, merged over defaults",
     )
 
     @model_validator(mode="before")
@@ -261,13 +277,15 @@ class Doctor(_Model):
 
 
 class Config(_Model):
-    listen: Listen = Field(default_factory=Listen)
-    log: Logging = Field(default_factory=Logging)
-    collection: Collection = Field(default_factory=Collection)
-    probes: Probes = Field(default_factory=Probes)
-    pgbouncers: list[PgBouncerTarget] = Field(default_factory=list)
-    postgres: list[PostgresTarget] = Field(default_factory=list)
-    doctor: Doctor = Field(default_factory=Doctor)
+    listen: Listen = Field(default_factory=Listen, description="where HTTP is served; also 'HOST:PORT'")
+    log: Logging = Field(default_factory=Logging, description="logging")
+    collection: Collection = Field(
+        default_factory=Collection, description="when and how long targets are read"
+    )
+    probes: Probes = Field(default_factory=Probes, description="SELECT 1 checks")
+    pgbouncers: list[PgBouncerTarget] = Field(default_factory=list, description="PgBouncer admin consoles")
+    postgres: list[PostgresTarget] = Field(default_factory=list, description="PostgreSQL servers")
+    doctor: Doctor = Field(default_factory=Doctor, description="the pool doctor")
 
     @field_validator("listen", mode="before")
     @classmethod
