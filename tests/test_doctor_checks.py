@@ -80,7 +80,9 @@ def pg(**kw: Any) -> PostgresFacts:
     return facts
 
 
-def run(check_id: str, target: PgBouncerFacts | PostgresFacts, facts: Facts | None = None, **t: Any) -> Finding:
+def run(
+    check_id: str, target: PgBouncerFacts | PostgresFacts, facts: Facts | None = None, **t: Any
+) -> Finding:
     facts = facts or Facts(
         pgbouncers=[target] if isinstance(target, PgBouncerFacts) else [],
         postgres=[target] if isinstance(target, PostgresFacts) else [],
@@ -169,7 +171,9 @@ def test_postgres_timeouts_flip() -> None:
     assert run("timeouts", pg()).status is Status.OK
     unset = run("timeouts", pg(statement_timeout=0.0))
     assert unset.status is Status.FAIL
-    role_only = run("timeouts", pg(statement_timeout=0.0, role_settings=[("", "app", "statement_timeout", 45.0)]))
+    role_only = run(
+        "timeouts", pg(statement_timeout=0.0, role_settings=[("", "app", "statement_timeout", 45.0)])
+    )
     assert role_only.status is Status.OK
     long = run("timeouts", pg(statement_timeout=300.0))
     assert long.status is Status.WARN and "5 min" in long.summary
@@ -240,12 +244,16 @@ def test_connection_growth_flips() -> None:
     full = run("connection_growth", pg(client_backends=95))
     assert full.status is Status.FAIL and full.value == pytest.approx(95 / 97)
     history = deque(pg(collected_at=1000.0 + i, client_backends=10 + i) for i in range(5))
-    growing = run("connection_growth", pg(collected_at=1010.0, client_backends=20), Facts(history={"db": history}))
+    growing = run(
+        "connection_growth", pg(collected_at=1010.0, client_backends=20), Facts(history={"db": history})
+    )
     assert growing.status is Status.WARN and "keep growing" in growing.summary
 
 
 def test_long_transactions_flip() -> None:
-    calm = pg(activity=[ActivityRow("app", "app", "web", "active", 2, oldest_xact_age=1.0, max_state_age=1.0)])
+    calm = pg(
+        activity=[ActivityRow("app", "app", "web", "active", 2, oldest_xact_age=1.0, max_state_age=1.0)]
+    )
     assert run("long_transactions", calm).status is Status.OK
     idle = pg(activity=[ActivityRow("app", "app", "web", "idle in transaction", 1, 40.0, 40.0)])
     finding = run("long_transactions", idle)
@@ -282,7 +290,9 @@ def test_prepared_statements_flip() -> None:
 
 def test_startup_parameters_flip() -> None:
     assert run("startup_parameters", pgb({"ignore_startup_parameters": ""})).status is Status.OK
-    finding = run("startup_parameters", pgb({"ignore_startup_parameters": ""}), expect_extra_float_digits=True)
+    finding = run(
+        "startup_parameters", pgb({"ignore_startup_parameters": ""}), expect_extra_float_digits=True
+    )
     assert finding.status is Status.FAIL
     assert run("startup_parameters", pgb(), expect_extra_float_digits=True).status is Status.OK
 
@@ -290,7 +300,9 @@ def test_startup_parameters_flip() -> None:
 def test_targets_up_and_health_checks() -> None:
     facts = Facts(pgbouncers=[pgb()], postgres=[pg(up=False, down_detail="connection refused")])
     finding = targets_up(TARGETS_UP, facts, T)
-    assert finding.status is Status.FAIL and finding.evidence["down"] == {"db (postgres)": "connection refused"}
+    assert finding.status is Status.FAIL and finding.evidence["down"] == {
+        "db (postgres)": "connection refused"
+    }
     facts.postgres[0].up = True
     assert targets_up(TARGETS_UP, facts, T).status is Status.OK
     facts.probes_configured = {"pgb": True}
