@@ -17,6 +17,8 @@ from typing import Any, NoReturn
 
 from poolwatch import __version__
 from poolwatch.config import CommandLine, Config, ConfigError, config_from_command_line, load_config
+from poolwatch.webconfig import WebConfig, WebConfigError, load_web_config
+from poolwatch.webconfig import apply as apply_web_config
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
 SHUTDOWN_GRACE = 4.0  # seconds; SIGTERM must end the process within 5 s
@@ -66,11 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("POOLWATCH_LISTEN"),
         help="where to serve /metrics (env POOLWATCH_LISTEN; default 0.0.0.0:9127)",
     )
+    run.add_argument(
+        "--web-config",
+        "--web.config.file",
+        dest="web_config",
+        metavar="FILE",
+        default=os.environ.get("POOLWATCH_WEB_CONFIG"),
+        help="TLS and basic auth, exporter-toolkit format (env POOLWATCH_WEB_CONFIG)",
+    )
     run.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=None)
     run.add_argument("--log-format", choices=("auto", "json", "console"), default=None)
 
     check = sub.add_parser("check-config", help="validate a config file without connecting")
     check.add_argument("file", metavar="FILE")
+    check.add_argument("--web-config", metavar="FILE", help="also validate this web config file")
 
     doctor = sub.add_parser("doctor", help="judge the live system against the production checklist, once")
     _target_options(doctor)
@@ -101,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     try:
         if args.command == "check-config":
-            return _check_config(Path(args.file))
+            return _check_config(Path(args.file), args.web_config)
         if args.command == "doctor":
             return _doctor(args)
         if args.command == "demo":
@@ -109,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return demo.main(listen=args.listen, start_daemon=run_daemon_for_demo)
         return _run(args)
-    except ConfigError as exc:
+    except (ConfigError, WebConfigError) as exc:
         for line in exc.lines:
             print(f"poolwatch: {line}", file=sys.stderr)
         return EXIT_USAGE
@@ -117,8 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
 
-def _check_config(path: Path) -> int:
+def _check_config(path: Path, web_config: str | None) -> int:
     config = load_config(path)
+    web_path = Path(web_config) if web_config else config.web_config
+    if web_path is not None:
+        load_web_config(web_path)
     print(f"{path}: ok ({len(config.pgbouncers)} PgBouncer and {len(config.postgres)} PostgreSQL targets)")
     return EXIT_OK
 
@@ -188,6 +202,8 @@ def _run(args: argparse.Namespace) -> int:
         updates["format"] = args.log_format
     if updates:
         config = config.model_copy(update={"log": config.log.model_copy(update=updates)})
+    if args.web_config:
+        config = config.model_copy(update={"web_config": Path(args.web_config)})
     reload: Callable[[], Config] = lambda: resolve_config(args)  # noqa: E731
     return asyncio.run(serve(config, reload=reload))
 
@@ -218,12 +234,19 @@ async def serve(
     log = logs.get_logger("poolwatch")
     _warn_inline_passwords(config, log)
 
+    web_config = load_web_config(config.web_config) if config.web_config else WebConfig()
+    if web_config.auth_enabled and not web_config.tls_enabled:
+        log.warning("basic auth without TLS: passwords cross the network in clear text")
     engine = Engine(config)
     holder = {"engine": engine}
     app = make_app(lambda: holder["engine"])
+    apply_web_config(app, web_config)
+    ssl_context = web_config.ssl_context()
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.listen.host, config.listen.port, reuse_address=True)
+    site = web.TCPSite(
+        runner, config.listen.host, config.listen.port, ssl_context=ssl_context, reuse_address=True
+    )
     try:
         await site.start()
     except OSError as exc:
@@ -233,7 +256,7 @@ async def serve(
         ) from None
     await engine.start()
     host, port = _bound_address(runner, config)
-    url = f"http://{host}:{port}"
+    url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
     log.info(
         "listening",
         url=url,

@@ -286,6 +286,10 @@ class Config(_Model):
     pgbouncers: list[PgBouncerTarget] = Field(default_factory=list, description="PgBouncer admin consoles")
     postgres: list[PostgresTarget] = Field(default_factory=list, description="PostgreSQL servers")
     doctor: Doctor = Field(default_factory=Doctor, description="the pool doctor")
+    web_config: Path | None = Field(
+        default=None,
+        description="exporter-toolkit web config file (TLS, basic auth); --web-config overrides it",
+    )
 
     @field_validator("listen", mode="before")
     @classmethod
