@@ -77,6 +77,17 @@ class FamilyBuilder:
             return
         self._samples[key] = number
 
+    def add_prepared(self, key: tuple[str, ...], number: float) -> None:
+        """``add`` for hot loops whose caller already has str label values and a non-NaN float.
+
+        Skips the per-sample conversions of ``add`` (a SHOW POOLS of 10,000 rows makes 120,000
+        samples); duplicates are still refused the same way.
+        """
+        if key in self._samples:
+            self.duplicates += 1
+            return
+        self._samples[key] = number
+
     def __len__(self) -> int:
         return len(self._samples)
 
