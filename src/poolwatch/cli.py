@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from poolwatch import __version__
-from poolwatch.config import CommandLine, Config, ConfigError, config_from_command_line, load_config
+from poolwatch.config import (
+    CommandLine,
+    Config,
+    ConfigError,
+    PgBouncerTarget,
+    PostgresTarget,
+    config_from_command_line,
+    load_config,
+)
 from poolwatch.webconfig import WebConfig, WebConfigError, load_web_config
 from poolwatch.webconfig import apply as apply_web_config
 
@@ -118,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from poolwatch import demo
 
-            return demo.main(listen=args.listen, start_daemon=run_daemon_for_demo)
+            return demo.main(args.demo_args, start_daemon=start_daemon_for_demo)
         return _run(args)
     except (ConfigError, WebConfigError) as exc:
         for line in exc.lines:
@@ -296,7 +304,7 @@ async def serve(
         loop.add_signal_handler(signal.SIGINT, stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(do_reload()))
     if on_listening is not None:
-        on_listening(Running(url=url, stop=lambda: loop.call_soon_threadsafe(stop_event.set)))
+        on_listening(Running(url=url, stop=lambda: _call_soon(loop, stop_event.set)))
     try:
         await stop_event.wait()
     finally:
@@ -313,6 +321,10 @@ async def serve(
     return EXIT_OK
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    loop.call_soon_threadsafe(callback)
+
+
 def _bound_address(runner: Any, config: Config) -> tuple[str, int]:
     for address in runner.addresses:
         if isinstance(address, tuple):
@@ -324,7 +336,8 @@ def _bound_address(runner: Any, config: Config) -> tuple[str, int]:
 
 
 def _warn_inline_passwords(config: Config, log: Any) -> None:
-    for target in [*config.pgbouncers, *config.postgres]:
+    targets: list[PgBouncerTarget | PostgresTarget] = [*config.pgbouncers, *config.postgres]
+    for target in targets:
         if target.inline_password():
             log.warning(
                 "a password is written in the DSN; use password_file or password_env instead "
@@ -333,9 +346,45 @@ def _warn_inline_passwords(config: Config, log: Any) -> None:
             )
 
 
-def run_daemon_for_demo(config: Config, on_listening: Callable[[Running], None]) -> int:
-    """The demo's entry into the daemon: same code path as ``poolwatch run``."""
-    return asyncio.run(serve(config, on_listening=on_listening))
+async def start_daemon_for_demo(
+    pgbouncer_dsn: str,
+    pgbouncer_password: str,
+    postgres_dsn: str,
+    postgres_password: str,
+    listen_port: int,
+    /,
+) -> None:
+    """The demo's entry into the daemon: the same ``serve`` as ``poolwatch run``; the demo cancels it.
+
+    Passwords travel through this process's environment, as a sidecar's would, never argv.
+    """
+    from poolwatch.config import config_from_mapping
+
+    os.environ["POOLWATCH_DEMO_PGBOUNCER_PASSWORD"] = pgbouncer_password
+    os.environ["POOLWATCH_DEMO_POSTGRES_PASSWORD"] = postgres_password
+    config = config_from_mapping(
+        {
+            "listen": f"127.0.0.1:{listen_port}",
+            "log": {"level": "warning"},
+            "pgbouncers": [
+                {
+                    "name": "demo-pgbouncer",
+                    "dsn": pgbouncer_dsn,
+                    "password_env": "POOLWATCH_DEMO_PGBOUNCER_PASSWORD",
+                }
+            ],
+            "postgres": [
+                {
+                    "name": "demo-postgres",
+                    "dsn": postgres_dsn,
+                    "password_env": "POOLWATCH_DEMO_POSTGRES_PASSWORD",
+                }
+            ],
+            "doctor": {"defaults": {"cores": os.cpu_count() or 1}},
+        },
+        "demo",
+    )
+    await serve(config, install_signals=False)
 
 
 if __name__ == "__main__":

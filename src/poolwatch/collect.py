@@ -72,7 +72,7 @@ class Snapshot:
         if cached is None:
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_FamiliesCollector(self.families))
-            cached = generate_openmetrics(registry) if openmetrics else generate_latest(registry)
+            cached = generate_openmetrics(registry) if openmetrics else generate_latest(registry)  # type: ignore[no-untyped-call]
             self._rendered[key] = cached
         return cached
 
@@ -114,7 +114,8 @@ class Engine:
             task.cancel()
         if self._inflight is not None:
             self._inflight.cancel()
-        for task in [*self._tasks, *([self._inflight] if self._inflight else [])]:
+        pending: list[asyncio.Task[Any]] = [*self._tasks, *([self._inflight] if self._inflight else [])]
+        for task in pending:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()

@@ -171,7 +171,14 @@ _BCRYPT_VARIANTS: Final = ("2a", "2b", "2y")
 _GO_DURATION = re.compile(r"^(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+$")
 _GO_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _GO_DURATION_UNITS: Final = {
-    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
 }
 
 
@@ -217,19 +224,25 @@ def _client_auth_type(value: str | None) -> str | None:
     if value is None:
         return None
     if value not in _CLIENT_AUTH:
-        raise ValueError(f"unknown client auth type {value!r}; expected one of NoClientCert, "
-                         f"RequestClientCert, VerifyClientCertIfGiven, RequireAndVerifyClientCert")
+        raise ValueError(
+            f"unknown client auth type {value!r}; expected one of NoClientCert, "
+            f"RequestClientCert, VerifyClientCertIfGiven, RequireAndVerifyClientCert"
+        )
     if _CLIENT_AUTH[value] is None:
-        raise ValueError(f"{value!r} (require a certificate without verifying it) is not supported: Python's "
-                         f"ssl cannot do it and it authenticates nobody; use RequireAndVerifyClientCert "
-                         f"with client_ca_file")
+        raise ValueError(
+            f"{value!r} (require a certificate without verifying it) is not supported: Python's "
+            f"ssl cannot do it and it authenticates nobody; use RequireAndVerifyClientCert "
+            f"with client_ca_file"
+        )
     return value
 
 
 def _cipher_suite(value: str) -> str:
     if value not in _CIPHER_SUITES:
-        raise ValueError(f"unknown cipher suite {value!r}; expected a Go crypto/tls name such as "
-                         f"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256")
+        raise ValueError(
+            f"unknown cipher suite {value!r}; expected a Go crypto/tls name such as "
+            f"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"
+        )
     return value
 
 
@@ -295,8 +308,9 @@ class TLSServerConfig(_Model):
     client_ca: _OptionalText = None
     cert_file: _OptionalFile = None
     key_file: _OptionalFile = None
-    client_auth_type: Annotated[str | None, BeforeValidator(_blank_is_unset),
-                                AfterValidator(_client_auth_type)] = None
+    client_auth_type: Annotated[
+        str | None, BeforeValidator(_blank_is_unset), AfterValidator(_client_auth_type)
+    ] = None
     client_ca_file: _OptionalFile = None
     client_allowed_sans: list[str] | None = None
     min_version: Annotated[str, AfterValidator(_tls_version)] = "TLS12"
@@ -308,8 +322,18 @@ class TLSServerConfig(_Model):
     @property
     def enabled(self) -> bool:
         """Same rule as the toolkit: any certificate, key or client-auth setting turns TLS on."""
-        return any(v is not None for v in (self.cert, self.key, self.client_ca, self.cert_file,
-                                           self.key_file, self.client_ca_file, self.client_auth_type))
+        return any(
+            v is not None
+            for v in (
+                self.cert,
+                self.key,
+                self.client_ca,
+                self.cert_file,
+                self.key_file,
+                self.client_ca_file,
+                self.client_auth_type,
+            )
+        )
 
     @property
     def verify_mode(self) -> ssl.VerifyMode:
@@ -333,13 +357,17 @@ class WebConfig(_Model):
     """A validated web config. ``WebConfig()`` is "no file": plain HTTP, no auth."""
 
     tls_server_config: Annotated[TLSServerConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=TLSServerConfig)
+        default_factory=TLSServerConfig
+    )
     http_server_config: Annotated[HTTPServerConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=HTTPServerConfig)
+        default_factory=HTTPServerConfig
+    )
     basic_auth_users: Annotated[dict[_Username, _BcryptHash], BeforeValidator(_none_is_empty)] = Field(
-        default_factory=dict)
+        default_factory=dict
+    )
     rate_limit: Annotated[RateLimitConfig, BeforeValidator(_none_is_empty)] = Field(
-        default_factory=RateLimitConfig)
+        default_factory=RateLimitConfig
+    )
 
     _source: str = PrivateAttr(default="web config")
 
@@ -441,34 +469,44 @@ def _semantic_problems(config: WebConfig, source: str) -> list[str]:
         has_ca = tls.client_ca is not None or tls.client_ca_file is not None
         auth = tls.client_auth_type or "NoClientCert"
         if tls.verify_mode != ssl.CERT_NONE and not has_ca:
-            problems.append(f"{at}.client_ca_file: required with client_auth_type {auth} (the CA that "
-                            f"signs the scrapers' certificates)")
+            problems.append(
+                f"{at}.client_ca_file: required with client_auth_type {auth} (the CA that "
+                f"signs the scrapers' certificates)"
+            )
         if has_ca and auth == "NoClientCert":
-            problems.append(f"{at}.client_auth_type: client_ca_file is set but client_auth_type is "
-                            f"NoClientCert; set RequireAndVerifyClientCert")
+            problems.append(
+                f"{at}.client_auth_type: client_ca_file is set but client_auth_type is "
+                f"NoClientCert; set RequireAndVerifyClientCert"
+            )
         if tls.client_allowed_sans is not None and tls.verify_mode != ssl.CERT_REQUIRED:
-            problems.append(f"{at}.client_allowed_sans: needs client_auth_type RequireAndVerifyClientCert "
-                            f"(got {auth!r})")
+            problems.append(
+                f"{at}.client_allowed_sans: needs client_auth_type RequireAndVerifyClientCert (got {auth!r})"
+            )
         if _TLS_VERSIONS[tls.min_version] > _TLS_VERSIONS[tls.max_version]:
             problems.append(f"{at}.min_version: {tls.min_version} is above max_version {tls.max_version}")
         if len(tls.curve_preferences) > 1:
-            problems.append(f"{at}.curve_preferences: only one curve can be set here (Python's ssl); "
-                            f"list one, or leave it out for OpenSSL's defaults "
-                            f"(got {_one_of(tls.curve_preferences)})")
+            problems.append(
+                f"{at}.curve_preferences: only one curve can be set here (Python's ssl); "
+                f"list one, or leave it out for OpenSSL's defaults "
+                f"(got {_one_of(tls.curve_preferences)})"
+            )
     headers = config.http_server_config.headers
     for name, value in headers.items():
         where = f"{source}: http_server_config.headers.{name}"
         if name not in _HEADERS:
-            problems.append(f"{where}: header {name!r} can not be configured; expected one of "
-                            f"{_one_of(list(_HEADERS))}")
+            problems.append(
+                f"{where}: header {name!r} can not be configured; expected one of {_one_of(list(_HEADERS))}"
+            )
             continue
         allowed = _HEADERS[name]
         if allowed is not None and value and value not in allowed:
             problems.append(f"{where}: expected one of {_one_of(allowed)} (got {value!r})")
     rate = config.rate_limit
     if rate.interval > 0 and rate.burst < 1:
-        problems.append(f"{source}: rate_limit.burst: must be at least 1 when rate_limit.interval is set, "
-                        f"or every request is refused (got {rate.burst})")
+        problems.append(
+            f"{source}: rate_limit.burst: must be at least 1 when rate_limit.interval is set, "
+            f"or every request is refused (got {rate.burst})"
+        )
     return problems
 
 
@@ -568,8 +606,11 @@ def _build_ssl_context(tls: TLSServerConfig, source: str) -> tuple[list[str], ss
     at = f"{source}: tls_server_config"
     cert_field = f"{at}.cert_file: file '{tls.cert_file}'" if tls.cert_file else f"{at}.cert: the inline text"
     key_field = f"{at}.key_file: file '{tls.key_file}'" if tls.key_file else f"{at}.key: the inline text"
-    ca_field = (f"{at}.client_ca_file: file '{tls.client_ca_file}'" if tls.client_ca_file
-                else f"{at}.client_ca: the inline text")
+    ca_field = (
+        f"{at}.client_ca_file: file '{tls.client_ca_file}'"
+        if tls.client_ca_file
+        else f"{at}.client_ca: the inline text"
+    )
     problems: list[str] = []
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -589,8 +630,10 @@ def _build_ssl_context(tls: TLSServerConfig, source: str) -> tuple[list[str], ss
         try:
             context.set_ciphers(":".join(openssl_ciphers))
         except ssl.SSLError:
-            problems.append(f"{at}.cipher_suites: none of the listed TLS 1.2 cipher suites is available in "
-                            f"this OpenSSL ({ssl.OPENSSL_VERSION})")
+            problems.append(
+                f"{at}.cipher_suites: none of the listed TLS 1.2 cipher suites is available in "
+                f"this OpenSSL ({ssl.OPENSSL_VERSION})"
+            )
     if tls.curve_preferences:
         context.set_ecdh_curve(_CURVES[tls.curve_preferences[0]])
 
@@ -602,8 +645,10 @@ def _build_ssl_context(tls: TLSServerConfig, source: str) -> tuple[list[str], ss
             with _as_files(tls) as (cert_file, key_file):
                 context.load_cert_chain(cert_file, key_file, password=_refuse_passphrase)
     except _EncryptedKey:
-        problems.append(f"{key_field} holds an encrypted private key; give an unencrypted one (readable "
-                        f"only by poolwatch's user)")
+        problems.append(
+            f"{key_field} holds an encrypted private key; give an unencrypted one (readable "
+            f"only by poolwatch's user)"
+        )
     except ssl.SSLError as exc:
         if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
             problems.append(f"{key_field} holds a private key that does not match the certificate")
@@ -652,15 +697,17 @@ class _CertificateReloader:
         self._current = context
         self._initial = context
 
-    def on_client_hello(self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
-                        context: ssl.SSLContext) -> None:
+    def on_client_hello(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
         seen = _fingerprint(self._files)
         if seen is not None and seen != self._seen:
             self._seen = seen  # once per change: a broken rotation is logged once, retried on the next
             problems, fresh = _build_ssl_context(self._tls, self._source)
             if fresh is None:
-                log.warning("TLS files changed but cannot be used; keeping the previous ones",
-                            problems=problems)
+                log.warning(
+                    "TLS files changed but cannot be used; keeping the previous ones", problems=problems
+                )
             else:
                 self._current = fresh
                 log.info("TLS files changed; using the new ones", files=[str(p) for p in self._files])
@@ -811,8 +858,11 @@ def rate_limit_middleware(
 
 
 def _san_values(peercert: Mapping[str, Any]) -> list[str]:
-    return [value for kind, value in peercert.get("subjectAltName", ())
-            if kind in ("DNS", "IP Address", "email", "URI")]
+    return [
+        value
+        for kind, value in peercert.get("subjectAltName", ())
+        if kind in ("DNS", "IP Address", "email", "URI")
+    ]
 
 
 def _same_san(presented: str, allowed: str) -> bool:
@@ -887,8 +937,9 @@ def hash_password(password: str, *, rounds: int = 10) -> str:
     """A bcrypt hash for ``basic_auth_users`` (what ``htpasswd -nBC 10 "" | tr -d ':\\n'`` prints)."""
     raw = password.encode("utf-8")
     if len(raw) > _BCRYPT_MAX_PASSWORD:
-        raise ValueError(f"bcrypt uses at most {_BCRYPT_MAX_PASSWORD} bytes of a password; "
-                         f"this one has {len(raw)}")
+        raise ValueError(
+            f"bcrypt uses at most {_BCRYPT_MAX_PASSWORD} bytes of a password; this one has {len(raw)}"
+        )
     return bcrypt.hashpw(raw, bcrypt.gensalt(rounds=rounds)).decode("ascii")
 
 
@@ -896,8 +947,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m poolwatch.webconfig [ROUNDS]``: read a password, print its bcrypt hash."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) > 1 or (args and not args[0].isdigit()):
-        print("usage: python -m poolwatch.webconfig [ROUNDS]  "
-              "(reads the password from the terminal or stdin)", file=sys.stderr)
+        print(
+            "usage: python -m poolwatch.webconfig [ROUNDS]  (reads the password from the terminal or stdin)",
+            file=sys.stderr,
+        )
         return 2
     rounds = int(args[0]) if args else 10
     if sys.stdin.isatty():

@@ -229,8 +229,8 @@ def max_server_connections(pgb: PgBouncerFacts) -> tuple[int, dict[str, int]]:
         per_db[name] = total
     total = sum(per_db.values())
     if max_user:
-        users = {str(p.get("user")) for p in pgb.pools if p.get("database") != "pgbouncer"}
-        total = min(total, max_user * max(1, len(users)))
+        all_users = {str(p.get("user")) for p in pgb.pools if p.get("database") != "pgbouncer"}
+        total = min(total, max_user * max(1, len(all_users)))
     return total, per_db
 
 

@@ -54,13 +54,14 @@ class DoctorRunner:
             t.history_window for t in [self.config.doctor.defaults, *self.config.doctor.targets.values()]
         )
         now = time.time()
-        for current in [*facts.pgbouncers, *facts.postgres]:
+        observed: list[PgBouncerFacts | PostgresFacts] = [*facts.pgbouncers, *facts.postgres]
+        for current in observed:
             past = self._history.setdefault(current.target, deque(maxlen=HISTORY_SAMPLES))
             while past and now - past[0].collected_at > window:
                 past.popleft()
             facts.history[current.target] = past  # read before the current sample joins it
         self.findings = evaluate(facts, self.config.doctor.thresholds)
-        for current in [*facts.pgbouncers, *facts.postgres]:
+        for current in observed:
             if current.up:
                 self._history[current.target].append(current)
         self.evaluated_at = now
