@@ -11,8 +11,8 @@ from poolwatch.config import DoctorThresholds
 from poolwatch.doctor import report
 from poolwatch.doctor.checks import (
     HEALTH,
-    POSTGRES_CHECKS,
     PGBOUNCER_CHECKS,
+    POSTGRES_CHECKS,
     TARGETS_UP,
     evaluate,
     health_checks,
