@@ -187,3 +187,62 @@ async def test_both_pgbouncer_versions_export_pools(
         assert reserve is not None  # reserve_pool (1.18) and reserve_pool_size (1.24) both map here
         info = [k for k in samples if k[0] == "pgbouncer_version_info"]
         assert len(info) == 1 and dict(info[0][1])["version"].startswith(f"PgBouncer {version}")
+
+
+def _start_subprocess_daemon(config: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poolwatch.cli", "run", "--config", str(config), "--log-format", "json"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if '"listening"' in line:
+            return proc, json.loads(line)["url"]
+    raise AssertionError("daemon did not start")
+
+
+def _scrape(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def test_sighup_reloads_and_keeps_old_config_when_new_one_is_bad(
+    pg: PostgresServer, pgb: PgBouncerServer, tmp_path: Path
+) -> None:
+    config = tmp_path / "poolwatch.yaml"
+    base = (
+        "listen: 127.0.0.1:0\ncollection:\n  max_age: 0\n"
+        f"pgbouncers:\n  - name: first\n    host: 127.0.0.1\n    port: {pgb.port}\n    user: poolwatch\n"
+        "    password_env: TEST_PGB_PW\n"
+    )
+    config.write_text(base)
+    env = {**os.environ, "TEST_PGB_PW": pgb.stats_password}
+    proc, url = _start_subprocess_daemon(config, env)
+    try:
+        assert 'pgbouncer_up{target="first"} 1.0' in _scrape(url)
+        config.write_text(base.replace("name: first", "name: second"))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        text = ""
+        while time.monotonic() < deadline:
+            text = _scrape(url)
+            if 'target="second"' in text:
+                break
+            time.sleep(0.2)
+        assert 'pgbouncer_up{target="second"} 1.0' in text and 'target="first"' not in text
+        config.write_text("pgbouncers: [ {name: broken, port: 99999} ]\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert 'pgbouncer_up{target="second"} 1.0' in _scrape(url)  # the old config keeps running
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    assert proc.stderr is not None
+    log = proc.stderr.read()
+    assert "reload rejected, keeping the running config" in log
+    assert "pgbouncers[0].port" in log
+    assert "Traceback" not in log

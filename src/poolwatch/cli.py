@@ -116,6 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if not args_list or (args_list[0].startswith("-") and args_list[0] not in ("-h", "--help", "--version")):
         args_list.insert(0, "run")
+    if args_list[:1] == ["demo"]:  # the demo owns its flags (argparse REMAINDER cannot pass --options)
+        from poolwatch import demo
+
+        return demo.main(args_list[1:], start_daemon=start_daemon_for_demo)
     parser = build_parser()
     args = parser.parse_args(args_list)
     try:
@@ -123,10 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(Path(args.file), args.web_config)
         if args.command == "doctor":
             return _doctor(args)
-        if args.command == "demo":
-            from poolwatch import demo
-
-            return demo.main(args.demo_args, start_daemon=start_daemon_for_demo)
         return _run(args)
     except (ConfigError, WebConfigError) as exc:
         for line in exc.lines:
