@@ -14,6 +14,7 @@ PGBOUNCER_124_DIR=$REPO_ROOT/.cache/pgbouncer-1.24
 PACKAGES=(
   pgbouncer       # PgBouncer 1.18: /usr/sbin/pgbouncer
   postgresql-15   # initdb and postgres for the throwaway servers of poolwatch.localcluster
+  chromium        # headless browser: tests/test_checklist_html.py renders /checklist without JavaScript
 )
 
 pw_log() { printf '[%s %(%H:%M:%S)T] %s\n' "$(basename "$0")" -1 "$*" >&2; }
