@@ -6,8 +6,12 @@ import os
 import re
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from poolwatch.localcluster import PgBouncerServer, PostgresServer
-from poolwatch.reference import render
+from poolwatch.reference import metrics_reference, render
+from tests.conftest import MakePgBouncer
+from tests.daemon import make_config, pgbouncer_target, postgres_target, running_daemon
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -15,6 +19,7 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 
 def test_generated_sections_are_current() -> None:
     assert render(README) == README, "run: python -m poolwatch.reference --write README.md"
+    assert "<!-- BEGIN GENERATED: metrics -->" in README
 
 
 def test_readme_opens_with_the_two_commands() -> None:
@@ -51,3 +56,24 @@ def test_least_privilege_grants_are_what_the_fixtures_use(pg: PostgresServer, pg
     settings = {row["key"]: row["value"] for row in pgb.show("CONFIG")}
     assert pgb.stats_user in settings["stats_users"].split(",")
     assert pgb.stats_user not in settings["admin_users"].split(",")
+
+
+async def test_metrics_reference_matches_a_real_scrape(pg: PostgresServer, make_pgbouncer: MakePgBouncer) -> None:
+    """Every family a real collection exposes is documented, and nothing documented is invented.
+
+    Regenerate with ``POOLWATCH_WRITE_README=1 scripts/test tests/test_readme.py``.
+    """
+    pgb = make_pgbouncer(version="1.24")
+    config = make_config(
+        pgbouncers=[pgbouncer_target(pgb, probe={"databases": ["app"]})],
+        postgres=[postgres_target(pg)],
+        probes={"interval": 0.3},
+    )
+    async with running_daemon(config) as daemon:
+        await daemon.wait_for("poolwatch_probe_success", 1, target="pgb", kind="pgbouncer", database="app")
+        _, text = await daemon.get("/metrics")
+    families = list(text_string_to_metric_families(text))
+    expected = render(README, {"metrics": metrics_reference(families)})
+    if os.environ.get("POOLWATCH_WRITE_README") == "1":
+        (REPO / "README.md").write_text(expected, encoding="utf-8")
+    assert expected == README, "run: POOLWATCH_WRITE_README=1 scripts/test tests/test_readme.py"

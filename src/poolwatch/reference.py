@@ -12,7 +12,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +102,83 @@ def config_reference() -> str:
     return "\n".join(lines)
 
 
+#: Where each non-PgBouncer family's data comes from (longest matching prefix wins).
+_SOURCES = (
+    ("pg_stat_activity", "`pg_stat_activity` (client backends)"),
+    ("pg_stat_database", "`pg_stat_database`"),
+    ("pg_settings", "`pg_settings`"),
+    ("pg_connections", "`pg_stat_activity` + `pg_settings`"),
+    ("pg_up", "the PostgreSQL collection"),
+    ("poolwatch_probe", "`SELECT 1` checks"),
+    ("poolwatch_check", "the pool doctor"),
+    ("poolwatch_pools", "PgBouncer `SHOW POOLS` (cardinality guard)"),
+    ("poolwatch_", "poolwatch itself"),
+)
+
+#: Families that exist only after something happened (a failure), so a healthy scrape lacks them.
+CONDITIONAL: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "poolwatch_probe_failures": (
+        "counter",
+        ("target", "kind", "database", "reason"),
+        "SELECT 1 checks that failed, by reason",
+    ),
+}
+
+
+def _source_of(name: str) -> str:
+    for prefix, source in _SOURCES:
+        if name.startswith(prefix):
+            return source
+    return ""
+
+
+def _sample_name(name: str, kind: str) -> str:
+    return name + {"counter": "_total", "info": "_info"}.get(kind, "")
+
+
+def metrics_reference(scraped: Iterable[Any]) -> str:
+    """The metrics table: PgBouncer's from the column table (every version), the rest from ``scraped``
+    families of a real collection (``prometheus_client`` Metric objects), plus ``CONDITIONAL``."""
+    from poolwatch.sources.pgbouncer_columns import metrics_reference as pgbouncer_rows
+
+    rows: dict[str, tuple[str, str, str, str]] = {}
+    for row in pgbouncer_rows():
+        since = f" (PgBouncer {row.since}+)" if row.since not in ("1.12", "1.8") else ""
+        rows[row.name] = (row.type, ", ".join(row.labels), row.help + since, row.source)
+    for family in scraped:
+        name = _sample_name(family.name, family.type)
+        if name.startswith("pgbouncer_") and name in rows:
+            continue
+        labels: list[str] = []
+        for sample in family.samples:
+            labels += [k for k in sample.labels if k not in labels and k != "le"]
+        labels.sort(key=lambda label: label != "target")  # stable: target first, the rest as scraped
+        source = _source_of(name) or ("PgBouncer admin console" if name.startswith("pgbouncer_") else "")
+        rows[name] = (family.type, ", ".join(labels), family.documentation, source)
+    for base, (kind, labels_, text) in CONDITIONAL.items():
+        rows.setdefault(_sample_name(base, kind), (kind, ", ".join(labels_), text, _source_of(base)))
+    lines = ["| metric | type | labels | meaning | source |", "|---|---|---|---|---|"]
+    for name in sorted(rows, key=lambda n: (not n.startswith("pgbouncer_"), not n.startswith("pg_"), n)):
+        kind, labels_text, text, source = rows[name]
+        cell = text.replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{name}` | {kind} | {labels_text} | {cell} | {source} |")
+    return "\n".join(lines)
+
+
 GENERATORS: dict[str, Callable[[], str]] = {"config": config_reference}
 
 _BLOCK = re.compile(r"(<!-- BEGIN GENERATED: (\w+) -->\n)(.*?)(<!-- END GENERATED: \2 -->)", re.DOTALL)
 
 
-def render(text: str) -> str:
+def render(text: str, extra: dict[str, str] | None = None) -> str:
+    """``text`` with every generated block rewritten; ``extra`` supplies blocks made elsewhere
+    (the metrics table needs a live scrape, which the test suite has)."""
+
     def replace(match: re.Match[str]) -> str:
-        generator = GENERATORS.get(match.group(2))
+        name = match.group(2)
+        if extra is not None and name in extra:
+            return f"{match.group(1)}{extra[name]}\n{match.group(4)}"
+        generator = GENERATORS.get(name)
         if generator is None:
             return match.group(0)
         return f"{match.group(1)}{generator()}\n{match.group(4)}"
