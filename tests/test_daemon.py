@@ -246,3 +246,22 @@ def test_sighup_reloads_and_keeps_old_config_when_new_one_is_bad(
     assert "reload rejected, keeping the running config" in log
     assert "pgbouncers[0].port" in log
     assert "Traceback" not in log
+
+
+async def test_pgbouncer_124_shuts_down_within_5s_while_watched_and_comes_back(
+    pg: PostgresServer, make_pgbouncer: MakePgBouncer
+) -> None:
+    """1.23+ waits on SIGTERM for every client, console connections included: poolwatch must let go."""
+    pgb = make_pgbouncer(version="1.24")
+    config = make_config(pgbouncers=[pgbouncer_target(pgb, probe={"databases": ["app"]})])
+    async with running_daemon(config) as daemon:
+        assert await daemon.wait_for("pgbouncer_up", 1, target="pgb") == 1
+        await asyncio.sleep(1.5)  # the held console connection and a few probe rounds are in place
+        pgb.sigterm()
+        started = time.monotonic()
+        exited = await asyncio.to_thread(pgb.wait_exit, 5.0)
+        assert exited, "PgBouncer 1.24 was still running 5 s after SIGTERM"
+        assert time.monotonic() - started < 5.0
+        assert await daemon.wait_for("pgbouncer_up", 0, target="pgb") == 0
+        pgb.start()  # same port
+        assert await daemon.wait_for("pgbouncer_up", 1, target="pgb", timeout=20) == 1
