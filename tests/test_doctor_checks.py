@@ -100,7 +100,11 @@ def test_stale_connection_detection_flips() -> None:
     slow = run("stale_connection_detection", pgb({"server_check_delay": "300"}))
     assert slow.status is Status.WARN and slow.value == 300.0
     # PgBouncer 1.25's default: '<empty>' sends an empty query, which is a check
-    assert run("stale_connection_detection", pgb({"server_check_query": "<empty>"})).status is Status.OK
+    empty = run("stale_connection_detection", pgb({"server_check_query": "<empty>"}, version=(1, 25, 2)))
+    assert empty.status is Status.OK and "an empty query" in empty.summary
+    # before 1.25 the same text is sent literally (measured on 1.18 and 1.24: a syntax error per check)
+    literal = run("stale_connection_detection", pgb({"server_check_query": "<empty>"}))
+    assert literal.status is Status.WARN and "literally" in literal.summary
 
 
 def test_recycling_flips() -> None:
@@ -126,7 +130,7 @@ def test_connection_age_flips() -> None:
     )
     finding = run("connection_age", old)
     assert finding.status is Status.WARN
-    assert finding.evidence["oldest_backend_age_by_application"] == {"web": 20000}
+    assert finding.evidence["oldest_connection_seconds_by_application"] == {"web": 20000}
     assert run("connection_age", pg(activity_readable=False)).status is Status.UNKNOWN
 
 
@@ -149,7 +153,7 @@ def test_bounded_overflow_flips() -> None:
     )
     over = run("bounded_overflow", many, Facts(pgbouncers=[many], postgres=[db], links={"pgb": "db"}))
     assert over.status is Status.FAIL
-    assert "125 server connections but PostgreSQL has 97" in over.summary
+    assert "125 server connections but PostgreSQL db has only 97 usable slots" in over.summary
     # no PostgreSQL to compare with: unknown, never a false ok
     assert run("bounded_overflow", pgb()).status is Status.UNKNOWN
 
@@ -198,7 +202,17 @@ def test_direct_connections_flip() -> None:
     facts = Facts(pgbouncers=[bouncer], postgres=[db_many], links={"pgb": "db"})
     bad = run("direct_connections", db_many, facts)
     assert bad.status is Status.FAIL and bad.value == 110
-    assert bad.evidence["top_sources"] == {"127.0.0.1 batch": 110}
+    assert bad.evidence["top_direct_sources"] == {"127.0.0.1 batch": 110}
+    assert bad.evidence["through_pgbouncer"] == 20
+    # a PgBouncer in front whose SHOW SERVERS failed: pooled and direct cannot be told apart
+    blind = pgb(servers_readable=False)
+    facts = Facts(pgbouncers=[blind], postgres=[db_many], links={"pgb": "db"})
+    assert run("direct_connections", db_many, facts).status is Status.UNKNOWN
+    assert run("direct_connections", pg(backends_readable=False)).status is Status.UNKNOWN
+    # PgBouncer reports server connections but none matches a backend (NAT): unknown, not a false fail
+    natted = pgb(server_endpoints={("10.9.9.9", 7000 + i) for i in range(20)})
+    facts = Facts(pgbouncers=[natted], postgres=[db_many], links={"pgb": "db"})
+    assert run("direct_connections", db_many, facts).status is Status.UNKNOWN
 
 
 def test_graceful_shutdown_flips() -> None:
@@ -211,7 +225,9 @@ def test_graceful_shutdown_flips() -> None:
     finding = run("graceful_shutdown", stormy, facts)
     assert finding.status is Status.WARN and finding.value == pytest.approx(10.0)
     assert run("graceful_shutdown", calm).status is Status.UNKNOWN  # one sample only
-    assert run("graceful_shutdown", pg(version_num=130000)).status is Status.UNKNOWN
+    old = run("graceful_shutdown", pg(version_num=130000))
+    assert old.status is Status.UNKNOWN and "PostgreSQL 13 has no session counters" in old.summary
+    assert run("connection_churn", pg(version_num=130000)).status is Status.UNKNOWN
 
 
 def test_sizing_flips() -> None:
@@ -243,11 +259,17 @@ def test_connection_growth_flips() -> None:
     assert run("connection_growth", pg(client_backends=80)).status is Status.WARN
     full = run("connection_growth", pg(client_backends=95))
     assert full.status is Status.FAIL and full.value == pytest.approx(95 / 97)
-    history = deque(pg(collected_at=1000.0 + i, client_backends=10 + i) for i in range(5))
-    growing = run(
-        "connection_growth", pg(collected_at=1010.0, client_backends=20), Facts(history={"db": history})
-    )
-    assert growing.status is Status.WARN and "keep growing" in growing.summary
+
+    def sample(i: int) -> PostgresFacts:
+        rows = [ActivityRow("app", "app", "web", "idle", 10), ActivityRow("app", "app", "leaky", "idle", i)]
+        return pg(collected_at=1000.0 + i, client_backends=10 + i, activity=rows)
+
+    history = deque(sample(i) for i in range(1, 5))
+    growing = run("connection_growth", sample(5), Facts(history={"db": history}))
+    assert growing.status is Status.WARN and "keep growing for leaky (1 → 2 → 3 → 4 → 5)" in growing.summary
+    assert growing.evidence["growing_applications"] == {"leaky": [1, 2, 3, 4, 5]}
+    short = run("connection_growth", sample(5), Facts(history={"db": deque([sample(4)])}))
+    assert short.status is Status.OK and "a growth trend needs 5 collections (have 2" in short.summary
 
 
 def test_long_transactions_flip() -> None:
@@ -282,7 +304,19 @@ def test_prepared_statements_flip() -> None:
     finding = run("prepared_statements", now, Facts(pgbouncers=[now], history={"pgb": deque([before])}))
     assert finding.status is Status.FAIL
     quiet = pgb({"max_prepared_statements": "0"}, totals={"client_parse_count": 10.0})
-    assert run("prepared_statements", quiet, Facts(history={"pgb": deque([before])})).status is Status.OK
+    # 1.24 does not count parses while max_prepared_statements = 0: silence proves nothing
+    unknown = run("prepared_statements", quiet, Facts(history={"pgb": deque([before])}))
+    assert unknown.status is Status.WARN and unknown.evidence["clients_prepare"] == "unknown"
+    declared = run("prepared_statements", quiet, expect_prepared_statements=True)
+    assert declared.status is Status.FAIL
+    assert run("prepared_statements", quiet, expect_prepared_statements=False).status is Status.OK
+    session = pgb({"max_prepared_statements": "0", "pool_mode": "session"})
+    assert run("prepared_statements", session, expect_prepared_statements=True).status is Status.OK
+    per_db = pgb(
+        {"max_prepared_statements": "0", "pool_mode": "session"},
+        databases=[{"name": "app", "pool_size": 20, "pool_mode": "transaction"}],
+    )
+    assert run("prepared_statements", per_db, expect_prepared_statements=True).status is Status.FAIL
     assert run("prepared_statements", pgb()).status is Status.OK
     old = pgb(version=(1, 18, 0))
     assert run("prepared_statements", old).status is Status.WARN
@@ -330,7 +364,212 @@ def test_reports_render() -> None:
     assert doc["schema_version"] == 1 and doc["overall"] == "fail"
     assert sum(doc["counts"].values()) == len(findings)
     text = report.to_terminal(findings, colour=False)
-    assert "[FAIL   ] Connection recycling" in text and "\x1b[" not in text
+    assert "  FAIL    #2   Connection recycling\n" in text and "\x1b[" not in text
+    assert "seen: server_lifetime = 86400" in text and "fix:  set server_lifetime within 1 h–4 h" in text
+    # problems first within a target, then the passes
+    pgb_block = text.split("PgBouncer pgb ")[1].split("\n\n")[0]
+    assert (
+        pgb_block.index("FAIL")
+        < pgb_block.index("WARN")
+        < pgb_block.index("UNKNOWN")
+        < pgb_block.index("OK ")
+    )
     assert "\x1b[31m" in report.to_terminal(findings, colour=True)
     html = report.to_html(findings)
     assert "data-check='recycling' data-status='fail'" in html and "<script" not in html
+
+
+# -- PgBouncer 1.25 server_check_query: the capture through the real parsing path ------------------
+@pytest.mark.parametrize("version", ["1.18", "1.24.1", "1.25.0", "1.25.2"])
+def test_capture_server_check_query_reaches_the_doctor(version: str) -> None:
+    from poolwatch.doctor.adapt import pgbouncer_facts
+    from poolwatch.metrics import SourceResult
+    from poolwatch.sources.pgbouncer import PgBouncerObservation, PgBouncerSource
+    from tests.test_pgbouncer_parsing import load
+
+    captured = load(version)
+    source = PgBouncerSource("pgb", "host=127.0.0.1 port=1 dbname=pgbouncer", None, connect_timeout=1)
+    obs = PgBouncerObservation(collected_at=1000.0)
+    for name, command in [
+        ("version", "VERSION"),
+        ("pools", "POOLS"),
+        ("stats", "STATS"),
+        ("databases", "DATABASES"),
+        ("lists", "LISTS"),
+        ("config", "CONFIG"),
+        ("servers", "SERVERS"),
+    ]:
+        result = captured[command]
+        source._absorb(obs, name, result.columns, result.rows)  # what a live collection runs
+        obs.collected.add(name)
+    facts = pgbouncer_facts(SourceResult("pgb", "pgbouncer", True, observation=obs), "127.0.0.1", 6432)
+    finding = run("stale_connection_detection", facts)
+    assert finding.status is Status.OK, finding
+    if version.startswith("1.25"):
+        # the metric label keeps its old reading ("" for <empty>); the doctor sees what PgBouncer printed
+        assert obs.config["server_check_query"] == ""
+        assert facts.config["server_check_query"] == "<empty>"
+        assert finding.evidence["server_check_query"] == "<empty>" and "an empty query" in finding.summary
+    else:
+        assert finding.evidence["server_check_query"] == "select 1"
+    # the same 1.25 release with the check really disabled (server_check_query = '')
+    disabled = dict(facts.config, server_check_query="")
+    facts.config = disabled
+    assert run("stale_connection_detection", facts).status is Status.FAIL
+    # peers (SHOW LISTS, 1.19+) and the pooled endpoints (SHOW SERVERS local_addr/local_port) arrive
+    assert (facts.peers is None) == (version == "1.18")
+    assert facts.server_endpoints and facts.servers_readable
+
+
+def test_recycling_zero_means_one_use() -> None:
+    # measured on PgBouncer 1.18 and 1.24: server_lifetime = 0 closes a server connection after one use
+    finding = run("recycling", pgb({"server_lifetime": "0"}))
+    assert finding.status is Status.FAIL and finding.value == 0.0
+    assert "closed after one use" in finding.summary
+    # 1.23+ lists the effective lifetime per database: only the ones that differ are evidence
+    same = pgb(databases=[{"name": "app", "pool_size": 20, "server_lifetime": 3600}])
+    assert "server_lifetime_per_database" not in run("recycling", same).evidence
+
+
+def test_postgres_timeouts_effective_per_session() -> None:
+    sessions = [
+        ActivityRow("app", "app", "web", "idle", 3),
+        ActivityRow("app", "mon", "poolwatch", "idle", 1),
+    ]
+    # server default unset, the app role has its own: the app's sessions are covered
+    covered = pg(
+        statement_timeout=0.0,
+        idle_in_transaction_timeout=0.0,
+        activity=sessions,
+        role="mon",
+        role_settings=[
+            ("", "app", "statement_timeout", 45.0),
+            ("", "app", "idle_in_transaction_session_timeout", 60.0),
+        ],
+    )
+    ok = run("timeouts", covered)
+    assert ok.status is Status.OK, ok.summary
+    assert ok.evidence["effective_statement_timeout"] == {"app@app": 45.0}
+    # database-and-role beats role beats database beats ALL beats the server default
+    layered = pg(
+        statement_timeout=40.0,
+        activity=sessions,
+        role="mon",
+        role_settings=[
+            ("", "", "statement_timeout", 50.0),
+            ("app", "", "statement_timeout", 55.0),
+            ("", "app", "statement_timeout", 0.0),
+            ("app", "app", "statement_timeout", 30.0),
+        ],
+    )
+    assert run("timeouts", layered).evidence["effective_statement_timeout"] == {"app@app": 30.0}
+    # ALTER ROLE app SET statement_timeout = 0 while the server has one: warn, not fail
+    opted_out = pg(
+        statement_timeout=40.0,
+        activity=sessions,
+        role="mon",
+        role_settings=[("", "app", "statement_timeout", 0.0)],
+    )
+    finding = run("timeouts", opted_out)
+    assert finding.status is Status.WARN and "explicitly 0 for app@app" in finding.summary
+    assert "ALTER ROLE app SET statement_timeout" in (finding.recommendation or "")
+    # nothing anywhere: fail
+    bare = run("timeouts", pg(statement_timeout=0.0, activity=sessions, role="mon"))
+    assert bare.status is Status.FAIL and bare.value == 0.0
+    # an override on poolwatch's own role hides the server default: unknown, never ok
+    hidden = run(
+        "timeouts",
+        pg(statement_timeout=None, idle_in_transaction_timeout=None, activity=sessions, role="mon"),
+    )
+    assert hidden.status is Status.UNKNOWN and "hides the server default" in hidden.summary
+    assert run("timeouts", pg(role_settings_readable=False)).status is Status.UNKNOWN
+
+
+def test_adapter_reads_backends_from_client_counts() -> None:
+    from datetime import UTC, datetime
+
+    from poolwatch.doctor.adapt import postgres_facts
+    from poolwatch.metrics import SourceResult
+    from poolwatch.sources.postgres import ClientCount, PostgresObservation
+
+    obs = PostgresObservation(
+        target="db",
+        collected_at=datetime.fromtimestamp(1000.0, UTC),
+        can_read_all_stats=True,
+        clients=[
+            ClientCount("10.0.0.5", "web", 3, (5001, 5002, 5003)),
+            ClientCount(None, "psql", 2, ()),  # Unix socket: no address, no port
+        ],
+    )
+    facts = postgres_facts(SourceResult("db", "postgres", True, observation=obs))
+    assert sorted(facts.backends) == [
+        ("10.0.0.5", 5001, "web"),
+        ("10.0.0.5", 5002, "web"),
+        ("10.0.0.5", 5003, "web"),
+        ("local", -1, "psql"),
+        ("local", -1, "psql"),
+    ]
+    hidden = PostgresObservation(target="db", collected_at=obs.collected_at, can_read_all_stats=False)
+    assert postgres_facts(SourceResult("db", "postgres", True, observation=hidden)).backends_readable is False
+
+
+def test_reuseport_needs_peer_id_and_peers() -> None:
+    no_peers = pgb({"so_reuseport": "1", "peer_id": "1"}, peers=0)
+    finding = run("reuseport_peers", no_peers)
+    assert finding.status is Status.WARN and "[peers] entries" in finding.summary
+    assert run("reuseport_peers", pgb({"so_reuseport": "1", "peer_id": "1"}, peers=2)).status is Status.OK
+    old = pgb({"so_reuseport": "1"}, version=(1, 18, 0))
+    del old.config["peer_id"]
+    assert "peering (PgBouncer 1.18.0)" in run("reuseport_peers", old).summary
+
+
+def test_same_name_pgbouncer_and_postgres_stay_apart() -> None:
+    from poolwatch.config import Config
+    from poolwatch.doctor.runner import DoctorRunner
+
+    bouncer, db = pgb(), pg()
+    bouncer.target = db.target = "main"
+    findings = evaluate(Facts(pgbouncers=[bouncer], postgres=[db], links={"main": "main"}), lambda _: T)
+    doc = report.to_document(findings)
+    assert [(g["target"], g["kind"]) for g in doc["targets"]] == [
+        ("poolwatch", "poolwatch"),
+        ("main", "pgbouncer"),
+        ("main", "postgres"),
+    ]
+    runner = DoctorRunner(Config())
+    runner.findings = findings
+    status = next(f for f in runner.families() if f.name == "poolwatch_check_status")
+    timeouts = [s for s in status.samples if s.labels == {"target": "main", "check": "timeouts"}]
+    worst_timeouts = max(
+        (f for f in findings if f.check == "timeouts"), key=lambda f: {-1: 1, 0: 0, 1: 2, 2: 3}[int(f.status)]
+    )
+    assert [s.value for s in timeouts] == [int(worst_timeouts.status)]
+
+
+def test_json_document_schema() -> None:
+    findings = evaluate(Facts(pgbouncers=[pgb()], postgres=[pg()], links={"pgb": "db"}), lambda _: T)
+    doc = report.to_document(findings, generated_at=1_800_000_000.0)
+    assert set(doc) == {"schema_version", "generated_at", "overall", "counts", "targets"}
+    assert doc["generated_at"] == "2027-01-15T08:00:00+00:00"
+    assert set(doc["counts"]) == {"ok", "warn", "fail", "unknown"}
+    for group in doc["targets"]:
+        assert set(group) == {"target", "kind", "status", "findings"}
+        for finding in group["findings"]:
+            assert set(finding) == {
+                "check",
+                "title",
+                "target",
+                "kind",
+                "item",
+                "status",
+                "summary",
+                "evidence",
+                "recommendation",
+                "reference",
+                "value",
+            }
+            assert finding["status"] in ("ok", "warn", "fail", "unknown")
+            assert 1 <= finding["item"] <= 11
+            assert finding["recommendation"] is None or finding["status"] != "ok"
+    # nothing evaluated yet is unknown, not ok
+    assert report.to_document([])["overall"] == "unknown"

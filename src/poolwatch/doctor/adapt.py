@@ -32,8 +32,12 @@ def postgres_facts(result: SourceResult) -> PostgresFacts:
         reserved=obs.reserved_connections or 0,
         statement_timeout=obs.statement_timeout_seconds,
         idle_in_transaction_timeout=obs.idle_in_transaction_session_timeout_seconds,
+        role_settings_readable=obs.setting_overrides is not None,
         client_backends=obs.total_client_backends,
+        # the source leaves activity None when the role cannot see other roles' sessions
         activity_readable=obs.activity is not None and obs.can_read_all_stats is not False,
+        backends_readable=obs.clients is not None and obs.can_read_all_stats is not False,
+        role=obs.role,
     )
     for override in obs.setting_overrides or []:
         if override.value_seconds is not None:
@@ -53,10 +57,14 @@ def postgres_facts(result: SourceResult) -> PostgresFacts:
                 oldest_backend_age=group.oldest_backend_age_seconds,
             )
         )
-    for backend in getattr(obs, "backends", None) or []:
-        facts.backends.append(
-            (backend.client_addr or "local", backend.client_port or -1, backend.application_name or "")
-        )
+    # pg_stat_activity grouped by (client_addr, application_name) with the client ports: one backend
+    # per port; backends without a port (Unix socket) are "local"
+    for client in obs.clients or []:
+        addr = client.client_addr or "local"
+        app = client.application_name or ""
+        ports = [int(p) for p in client.client_ports if p is not None]
+        facts.backends.extend((addr, port, app) for port in ports)
+        facts.backends.extend(("local", -1, app) for _ in range(max(0, client.connections - len(ports))))
     if obs.databases is not None and obs.session_counters_supported:
         facts.sessions = float(sum(d.sessions or 0 for d in obs.databases))
         facts.sessions_abandoned = float(sum(d.sessions_abandoned or 0 for d in obs.databases))
@@ -79,6 +87,10 @@ def pgbouncer_facts(result: SourceResult, host: str, port: int) -> PgBouncerFact
             if key.startswith("total_") and isinstance(value, int | float):
                 name = key.removeprefix("total_")
                 totals[name] = totals.get(name, 0.0) + float(value)
+    # SHOW CONFIG as printed: the source's ``config`` turns 1.25's "<empty>" (an empty query is the
+    # server check) into "" (the check is disabled); the doctor must tell them apart
+    config = obs.config_raw or obs.config
+    peers = obs.lists.get("peers") if "lists" in obs.collected else None
     return PgBouncerFacts(
         target=result.target,
         up=result.up,
@@ -87,12 +99,14 @@ def pgbouncer_facts(result: SourceResult, host: str, port: int) -> PgBouncerFact
         port=port,
         down_detail=result.detail,
         version=obs.version_tuple,
-        config={k: str(v) for k, v in (obs.config or {}).items()},
-        config_readable=bool(obs.config),
+        config={k: str(v) for k, v in config.items()},
+        config_readable="config" in obs.collected or bool(config),
         databases=list(obs.databases or []),
         pools=list(obs.pools or []),
         totals=totals,
-        server_endpoints=set(getattr(obs, "server_endpoints", None) or ()),
+        server_endpoints=set(obs.server_endpoints),
+        servers_readable="servers" in obs.collected,
+        peers=int(peers) if peers is not None else None,
     )
 
 

@@ -1,12 +1,18 @@
 """One rule per checklist item. Each is a pure function of facts and thresholds returning a Finding.
 
 A check whose data cannot be read says UNKNOWN and why; it never falls back to OK.
+
+Checklist items (seed-pooling-patterns.md "Production Checklist", plus the field notes' traps):
+ 1 stale-connection detection   2 recycling            3 bounded overflow     4 timeouts
+ 5 PgBouncer above 100 clients  6 metrics exported     7 health checks        8 graceful shutdown
+ 9 sizing                      10 anti-patterns        11 PgBouncer traps
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 from poolwatch.config import DoctorThresholds
@@ -14,16 +20,20 @@ from poolwatch.doctor.facts import Facts, PgBouncerFacts, PostgresFacts
 from poolwatch.doctor.model import Finding, Status
 
 SEED = "seed-pooling-patterns.md"
+NOTES = "field-notes.md"
 POOLWATCH_APP = "poolwatch"
+#: collections in a row whose per-application connection count must rise every time to say "growing"
+GROWTH_SAMPLES = 5
 
 
 @dataclass(frozen=True)
 class Check:
     id: str
     title: str
-    scope: str  # "pgbouncer" | "postgres" | "poolwatch"
+    scope: str  # "pgbouncer" | "postgres" | "poolwatch" | "any"
     reference: str
     run: Callable[..., Finding]
+    item: int = 0  # checklist item number (1-11), see the module docstring
 
 
 def _finding(
@@ -35,9 +45,20 @@ def _finding(
     evidence: dict[str, Any] | None = None,
     fix: str | None = None,
     value: float | None = None,
+    kind: str | None = None,
 ) -> Finding:
     return Finding(
-        check.id, check.title, target, status, summary, evidence or {}, fix, check.reference, value
+        check.id,
+        check.title,
+        target,
+        status,
+        summary,
+        evidence or {},
+        fix if status is not Status.OK else None,
+        check.reference,
+        value,
+        kind=kind or check.scope,
+        item=check.item,
     )
 
 
@@ -48,6 +69,8 @@ def _seconds(value: float | None) -> str:
         return f"{value / 3600:g} h"
     if value >= 60 and value % 60 == 0:
         return f"{value / 60:g} min"
+    if value >= 600:
+        return f"{value / 60:.0f} min"
     return f"{value:g} s"
 
 
@@ -57,33 +80,79 @@ def _down(check: Check, target: str, detail: str | None) -> Finding:
     )
 
 
+def _no_config(check: Check, pgb: PgBouncerFacts, keys: str) -> Finding:
+    why = (
+        "SHOW CONFIG failed"
+        if not pgb.config_readable
+        else f"SHOW CONFIG of PgBouncer {pgb.version_text} has no {keys}"
+    )
+    return _finding(check, pgb.target, Status.UNKNOWN, f"cannot judge: {why}")
+
+
+def _no_pg_monitor(check: Check, pg: PostgresFacts, what: str) -> Finding:
+    role = pg.role or "poolwatch's role"
+    return _finding(
+        check,
+        pg.target,
+        Status.UNKNOWN,
+        f"cannot judge: {what} are hidden from {role} (it is not in pg_monitor)",
+        evidence={"role": role, "can_read_all_stats": False},
+        fix=f"GRANT pg_monitor TO {role}",
+    )
+
+
+def _app_label(row_app: str) -> str:
+    return row_app or "no application_name"
+
+
+def _own(application_name: str) -> bool:
+    """poolwatch's own sessions: the collector ("poolwatch") and the SELECT 1 checks ("poolwatch-probe")."""
+    return application_name.startswith(POOLWATCH_APP)
+
+
 # -- 1. stale-connection detection -------------------------------------------------------------
 def stale_connections(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pgb.up:
         return _down(check, pgb.target, pgb.down_detail)
     query, delay = pgb.setting("server_check_query"), pgb.number("server_check_delay")
     if query is None or delay is None:
-        return _finding(
-            check, pgb.target, Status.UNKNOWN, "SHOW CONFIG did not return server_check_query/delay"
-        )
-    evidence = {"server_check_query": query, "server_check_delay": delay}
+        return _no_config(check, pgb, "server_check_query/server_check_delay")
+    evidence: dict[str, Any] = {"server_check_query": query, "server_check_delay": delay}
     if query.strip() == "":
         return _finding(
             check,
             pgb.target,
             Status.FAIL,
-            "server_check_query is empty: PgBouncer hands out server connections without checking them",
+            "server_check_query is empty, which disables the check: PgBouncer hands out server "
+            "connections that died while idle",
             evidence=evidence,
             value=delay,
-            fix="set server_check_query = select 1 (or <empty> on 1.25+), the pooler's pool_pre_ping",
+            fix="set server_check_query = select 1 (PgBouncer 1.25+: leave the default <empty>); it is "
+            "PgBouncer's pool_pre_ping",
         )
+    if query == "<empty>":
+        if pgb.version is not None and pgb.version < (1, 25, 0):
+            return _finding(
+                check,
+                pgb.target,
+                Status.WARN,
+                f"PgBouncer {pgb.version_text} sends server_check_query '<empty>' literally: every "
+                "check is a syntax error in PostgreSQL's log (only 1.25+ reads it as an empty query)",
+                evidence=evidence,
+                value=delay,
+                fix="set server_check_query = select 1 on PgBouncer before 1.25",
+            )
+        evidence["check"] = "empty query (PgBouncer 1.25+ <empty>)"
+        what = "an empty query"
+    else:
+        what = repr(query)
     if delay > t.server_check_delay_max:
         return _finding(
             check,
             pgb.target,
             Status.WARN,
-            f"server_check_delay is {_seconds(delay)}: idle server connections go unchecked longer than "
-            f"{_seconds(t.server_check_delay_max)}",
+            f"server_check_delay is {_seconds(delay)}: an idle server connection is re-checked only "
+            f"after more than {_seconds(t.server_check_delay_max)}",
             evidence=evidence,
             value=delay,
             fix=f"lower server_check_delay to {_seconds(t.server_check_delay_max)} or less (default 30 s)",
@@ -92,7 +161,7 @@ def stale_connections(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, fa
         check,
         pgb.target,
         Status.OK,
-        f"idle server connections are checked with {query!r} after {_seconds(delay)}",
+        f"a server connection idle for {_seconds(delay)} is checked with {what} before reuse",
         evidence=evidence,
         value=delay,
     )
@@ -104,32 +173,48 @@ def recycling(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Fac
         return _down(check, pgb.target, pgb.down_detail)
     lifetime = pgb.number("server_lifetime")
     if lifetime is None:
-        return _finding(check, pgb.target, Status.UNKNOWN, "SHOW CONFIG did not return server_lifetime")
-    # 1.23+ can override server_lifetime per database; a database row with 0 inherits the global one
+        return _no_config(check, pgb, "server_lifetime")
+    # 1.23+ lists the effective server_lifetime per database; only the ones that differ matter
     per_db = {
         str(d.get("name")): float(d["server_lifetime"])
         for d in pgb.databases
-        if d.get("server_lifetime") not in (None, "", 0, "0") and d.get("name") != "pgbouncer"
+        if isinstance(d.get("server_lifetime"), int | float) and d.get("name") != "pgbouncer"
     }
-    effective = {"(global)": lifetime, **per_db}
-    never = [name for name, value in effective.items() if value == 0]
+    differing = {name: value for name, value in per_db.items() if value != lifetime}
+    effective = {"(global)": lifetime, **differing}
+    once = [name for name, value in effective.items() if value == 0]
     too_long = {name: value for name, value in effective.items() if value > t.recycle_max}
     too_short = {name: value for name, value in effective.items() if 0 < value < t.recycle_min}
-    evidence: dict[str, Any] = {"server_lifetime": lifetime, **({"per_database": per_db} if per_db else {})}
-    band = f"{_seconds(t.recycle_min)}–{_seconds(t.recycle_max)}"
-    if never or too_long:
-        worst_value = max(too_long.values(), default=0.0)
-        what = ", ".join(
-            [f"{n}: never" for n in never] + [f"{n}: {_seconds(v)}" for n, v in too_long.items()]
+    evidence: dict[str, Any] = {"server_lifetime": lifetime}
+    if differing:
+        evidence["server_lifetime_per_database"] = differing
+    evidence["recycle_window"] = f"{_seconds(t.recycle_min)}–{_seconds(t.recycle_max)}"
+    band = evidence["recycle_window"]
+    fix = f"set server_lifetime within {band} (e.g. 3600); it is PgBouncer's pool_recycle"
+    if once:
+        # measured on 1.18 and 1.24: 0 closes every server connection after one use
+        return _finding(
+            check,
+            pgb.target,
+            Status.FAIL,
+            "server_lifetime = 0 ("
+            + ", ".join(once)
+            + "): every server connection is closed after one use, so each transaction opens a new "
+            "PostgreSQL backend",
+            evidence=evidence,
+            value=0.0,
+            fix=fix,
         )
+    if too_long:
+        what = ", ".join(f"{n}: {_seconds(v)}" for n, v in too_long.items())
         return _finding(
             check,
             pgb.target,
             Status.FAIL,
             f"server connections live too long ({what}); the recycle window is {band}",
             evidence=evidence,
-            value=worst_value if not never else 0.0,
-            fix=f"set server_lifetime within {band} (e.g. 3600), the pooler's pool_recycle",
+            value=max(too_long.values()),
+            fix=fix,
         )
     if too_short:
         what = ", ".join(f"{n}: {_seconds(v)}" for n, v in too_short.items())
@@ -137,7 +222,8 @@ def recycling(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Fac
             check,
             pgb.target,
             Status.WARN,
-            f"server connections are recycled very often ({what}): connection churn on PostgreSQL",
+            f"server connections are recycled very often ({what}), below {band}: connection churn on "
+            "PostgreSQL",
             evidence=evidence,
             value=min(too_short.values()),
             fix=f"raise server_lifetime into {band}",
@@ -146,7 +232,7 @@ def recycling(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Fac
         check,
         pgb.target,
         Status.OK,
-        f"server_lifetime {_seconds(lifetime)} is within {band}",
+        f"server connections are recycled after {_seconds(lifetime)}, within {band}",
         evidence=evidence,
         value=lifetime,
     )
@@ -156,23 +242,22 @@ def connection_age(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts: 
     if not pg.up:
         return _down(check, pg.target, pg.down_detail)
     if not pg.activity_readable:
-        return _finding(
-            check,
-            pg.target,
-            Status.UNKNOWN,
-            "pg_stat_activity is not readable for other roles' sessions",
-            fix="grant pg_monitor to poolwatch's role",
-        )
+        return _no_pg_monitor(check, pg, "other roles' connections")
     oldest: dict[str, float] = {}
     for row in pg.activity:
-        if row.application_name == POOLWATCH_APP or row.oldest_backend_age is None:
+        if _own(row.application_name) or row.oldest_backend_age is None:
             continue
-        app = row.application_name or "(no application_name)"
+        app = _app_label(row.application_name)
         oldest[app] = max(oldest.get(app, 0.0), row.oldest_backend_age)
     limit = t.recycle_max
     old = {app: age for app, age in oldest.items() if age > limit}
     top = max(oldest.values(), default=0.0)
-    evidence = {"oldest_backend_age_by_application": {k: round(v) for k, v in sorted(oldest.items())}}
+    evidence = {
+        "oldest_connection_seconds_by_application": {
+            k: round(v) for k, v in sorted(oldest.items(), key=lambda kv: -kv[1])
+        },
+        "recycle_window_max_seconds": limit,
+    }
     if old:
         apps = ", ".join(f"{a} ({_seconds(round(v))})" for a, v in sorted(old.items(), key=lambda kv: -kv[1]))
         return _finding(
@@ -182,14 +267,23 @@ def connection_age(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts: 
             f"connections older than the {_seconds(limit)} recycle window: {apps}",
             evidence=evidence,
             value=top,
-            fix="set pool_recycle (SQLAlchemy) / server_lifetime (PgBouncer) / max lifetime in the "
-            "client pool to 1–4 h",
+            fix="set a maximum connection lifetime of 1–4 h in the client pool (SQLAlchemy "
+            "pool_recycle, asyncpg max_inactive_connection_lifetime) and server_lifetime in PgBouncer",
+        )
+    if not oldest:
+        return _finding(
+            check,
+            pg.target,
+            Status.OK,
+            "no client connections besides poolwatch's own",
+            evidence=evidence,
+            value=0.0,
         )
     return _finding(
         check,
         pg.target,
         Status.OK,
-        f"no client connection is older than {_seconds(limit)} (oldest {_seconds(round(top))})",
+        f"every client connection is younger than {_seconds(limit)} (oldest {_seconds(round(top))})",
         evidence=evidence,
         value=top,
     )
@@ -203,10 +297,20 @@ def _int(value: Any) -> int:
         return 0
 
 
+def _pool_and_reserve(pgb: PgBouncerFacts, row: dict[str, Any]) -> tuple[int, int]:
+    """A SHOW DATABASES row's effective pool size and reserve (it prints effective values)."""
+    size = _int(row.get("pool_size")) or _int(pgb.setting("default_pool_size"))
+    reserve_value = row.get("reserve_pool_size", row.get("reserve_pool"))
+    reserve = _int(reserve_value) if reserve_value is not None else _int(pgb.setting("reserve_pool_size"))
+    return size, reserve
+
+
 def max_server_connections(pgb: PgBouncerFacts) -> tuple[int, dict[str, int]]:
-    """The most server connections PgBouncer could open, per database, from its limits."""
-    default_pool = _int(pgb.setting("default_pool_size"))
-    default_reserve = _int(pgb.setting("reserve_pool_size"))
+    """The most server connections PgBouncer could open, per database, from its limits.
+
+    Per database: (pool_size + reserve_pool_size) × users with a pool there, capped by the
+    database's max_db_connections; the total is capped by max_user_connections × users.
+    """
     max_db = _int(pgb.setting("max_db_connections"))
     max_user = _int(pgb.setting("max_user_connections"))
     users_per_db: dict[str, set[str]] = {}
@@ -219,8 +323,7 @@ def max_server_connections(pgb: PgBouncerFacts) -> tuple[int, dict[str, int]]:
         name = str(row.get("name"))
         if name == "pgbouncer":
             continue
-        size = _int(row.get("pool_size")) or default_pool
-        reserve = _int(row.get("reserve_pool_size", row.get("reserve_pool", default_reserve)))
+        size, reserve = _pool_and_reserve(pgb, row)
         users = max(1, len(users_per_db.get(name, ())))
         total = (size + reserve) * users
         db_cap = _int(row.get("max_connections")) or max_db
@@ -229,7 +332,7 @@ def max_server_connections(pgb: PgBouncerFacts) -> tuple[int, dict[str, int]]:
         per_db[name] = total
     total = sum(per_db.values())
     if max_user:
-        all_users = {str(p.get("user")) for p in pgb.pools if p.get("database") != "pgbouncer"}
+        all_users = {u for users in users_per_db.values() for u in users}
         total = min(total, max_user * max(1, len(all_users)))
     return total, per_db
 
@@ -237,8 +340,8 @@ def max_server_connections(pgb: PgBouncerFacts) -> tuple[int, dict[str, int]]:
 def bounded_overflow(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pgb.up:
         return _down(check, pgb.target, pgb.down_detail)
-    if not pgb.config_readable:
-        return _finding(check, pgb.target, Status.UNKNOWN, "SHOW CONFIG could not be read")
+    if not pgb.config_readable or pgb.setting("default_pool_size") is None:
+        return _no_config(check, pgb, "default_pool_size")
     pool, reserve = _int(pgb.setting("default_pool_size")), _int(pgb.setting("reserve_pool_size"))
     ratios: dict[str, float] = {}
     if pool:
@@ -246,8 +349,7 @@ def bounded_overflow(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, fac
     for row in pgb.databases:
         if row.get("name") == "pgbouncer":
             continue
-        size = _int(row.get("pool_size")) or pool
-        res = _int(row.get("reserve_pool_size", row.get("reserve_pool", reserve)))
+        size, res = _pool_and_reserve(pgb, row)
         if size:
             ratios[str(row.get("name"))] = res / size
     over = {k: v for k, v in ratios.items() if v > t.reserve_ratio_max}
@@ -257,8 +359,9 @@ def bounded_overflow(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, fac
     evidence: dict[str, Any] = {
         "default_pool_size": pool,
         "reserve_pool_size": reserve,
+        "reserve_ratio_max": t.reserve_ratio_max,
         "max_server_connections": total,
-        "per_database": per_db,
+        "max_server_connections_per_database": per_db,
     }
     if usable is not None:
         evidence["postgres_usable_connections"] = usable
@@ -266,13 +369,18 @@ def bounded_overflow(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, fac
     if over:
         status = Status.FAIL
         problems.append(
-            "reserve above half the pool (" + ", ".join(f"{k}: {v:.2f}" for k, v in over.items()) + ")"
+            "reserve_pool_size above "
+            + f"{t.reserve_ratio_max:g} × pool_size ("
+            + ", ".join(f"{k}: {v:.2f}" for k, v in over.items())
+            + ")"
         )
     if usable is not None and total > usable:
         status = Status.FAIL
         problems.append(
-            f"PgBouncer may open {total} server connections but PostgreSQL has {usable} usable slots"
+            f"PgBouncer may open {total} server connections but PostgreSQL "
+            f"{pg.target if pg else ''} has only {usable} usable slots"
         )
+    worst_ratio = max(ratios.values(), default=0.0)
     if problems:
         return _finding(
             check,
@@ -280,21 +388,28 @@ def bounded_overflow(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, fac
             status,
             "; ".join(problems),
             evidence=evidence,
-            value=max(over.values(), default=0.0),
-            fix=f"keep reserve_pool_size ≤ pool_size × {t.reserve_ratio_max:g} and the sum of "
-            "(pool_size + reserve) over pools under max_connections − reserved slots "
-            "(cap with max_db_connections)",
+            value=worst_ratio,
+            fix=f"keep reserve_pool_size ≤ pool_size × {t.reserve_ratio_max:g} (the seed's max_overflow = "
+            "pool_size / 2) and the sum of (pool_size + reserve) over all pools under max_connections − "
+            "reserved slots (cap with max_db_connections / max_user_connections)",
         )
     if usable is None:
+        if pg is None:
+            why = "no PostgreSQL target is linked to it (pgbouncers[].postgres)"
+        elif not pg.up:
+            why = f"PostgreSQL {pg.target} is down"
+        else:
+            why = f"max_connections of PostgreSQL {pg.target} could not be read"
         return _finding(
             check,
             pgb.target,
             Status.UNKNOWN,
-            f"reserve within bounds; at most {total} server connections, but the PostgreSQL behind "
-            "this PgBouncer is not configured or down, so the total cannot be compared",
+            f"reserve within bounds and at most {total} server connections, but {why}, so the total "
+            "cannot be compared with max_connections",
             evidence=evidence,
-            value=max(ratios.values(), default=0.0),
-            fix="add the PostgreSQL behind it as a postgres target (pgbouncers[].postgres)",
+            value=worst_ratio,
+            fix="add the PostgreSQL behind this PgBouncer as a postgres target (and pgbouncers[].postgres "
+            "if there are several)",
         )
     return _finding(
         check,
@@ -303,73 +418,160 @@ def bounded_overflow(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, fac
         f"reserve ≤ {t.reserve_ratio_max:g} × pool; at most {total} server connections fit in "
         f"{usable} usable PostgreSQL slots",
         evidence=evidence,
-        value=max(ratios.values(), default=0.0),
+        value=worst_ratio,
     )
 
 
 # -- 4. timeouts --------------------------------------------------------------------------------
+def _effective_setting(pg: PostgresFacts, name: str, role: str, db: str) -> tuple[float | None, str]:
+    """What a new session of ``role`` in ``db`` starts with, and where it comes from.
+
+    PostgreSQL's precedence: ALTER ROLE r IN DATABASE d > ALTER ROLE r > ALTER DATABASE d >
+    ALTER ROLE ALL > the server default (postgresql.conf / ALTER SYSTEM).
+    """
+    settings = {(d, r): v for d, r, n, v in pg.role_settings if n == name}
+    for key, source in (
+        ((db, role), "ALTER ROLE IN DATABASE"),
+        (("", role), "ALTER ROLE"),
+        ((db, ""), "ALTER DATABASE"),
+        (("", ""), "ALTER ROLE ALL"),
+    ):
+        if key in settings:
+            return settings[key], source
+    server = pg.statement_timeout if name == "statement_timeout" else pg.idle_in_transaction_timeout
+    return server, "server default"
+
+
+def _application_sessions(pg: PostgresFacts) -> list[tuple[str, str]]:
+    """(role, database) pairs of the client sessions seen, poolwatch's own left out."""
+    pairs = {
+        (row.usename, row.datname)
+        for row in pg.activity
+        if not _own(row.application_name) and row.usename and row.datname and row.usename != pg.role
+    }
+    return sorted(pairs)
+
+
+def _configured_pairs(pg: PostgresFacts) -> list[tuple[str, str, str]]:
+    """(label, role, database) of every ALTER ROLE/DATABASE ... SET of a timeout: the roles and
+    databases an administrator set up for applications ("\0" matches no real name)."""
+    pairs = {
+        (f"{role or 'ALL'}@{db or '*'}", role or "\0", db or "\0") for db, role, _, _ in pg.role_settings
+    }
+    return sorted(pairs)
+
+
 def postgres_timeouts(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pg.up:
         return _down(check, pg.target, pg.down_detail)
-    if pg.statement_timeout is None or pg.idle_in_transaction_timeout is None:
-        return _finding(check, pg.target, Status.UNKNOWN, "timeout settings could not be read")
+    if not pg.role_settings_readable:
+        return _finding(
+            check, pg.target, Status.UNKNOWN, "cannot judge: pg_db_role_setting could not be read"
+        )
     band = f"{_seconds(t.statement_timeout_min)}–{_seconds(t.statement_timeout_max)}"
     overrides = {
-        f"{role or '*'}@{db or '*'}": value
+        f"{role or 'ALL'}@{db or '*'}": value
         for db, role, name, value in pg.role_settings
         if name == "statement_timeout"
     }
     evidence: dict[str, Any] = {
-        "statement_timeout": pg.statement_timeout,
-        "idle_in_transaction_session_timeout": pg.idle_in_transaction_timeout,
+        "statement_timeout": pg.statement_timeout if pg.statement_timeout is not None else "unknown",
+        "idle_in_transaction_session_timeout": pg.idle_in_transaction_timeout
+        if pg.idle_in_transaction_timeout is not None
+        else "unknown",
+        "statement_timeout_band": band,
     }
     if overrides:
         evidence["statement_timeout_overrides"] = overrides
-    effective = {"(server default)": pg.statement_timeout, **overrides}
-    unset = [k for k, v in effective.items() if v == 0]
+    # judge what the application sessions really start with; with none seen (or hidden without
+    # pg_monitor), the roles/databases given their own settings, else the server default
+    sessions = _application_sessions(pg) if pg.activity_readable else []
+    pairs: list[tuple[str, str, str]] = [(f"{r}@{d}", r, d) for r, d in sessions]
+    if not pairs:
+        pairs = _configured_pairs(pg) or [("(server default)", "\0", "\0")]
+    statement: dict[str, tuple[float | None, str]] = {
+        label: _effective_setting(pg, "statement_timeout", role, db) for label, role, db in pairs
+    }
+    idle: dict[str, tuple[float | None, str]] = {
+        label: _effective_setting(pg, "idle_in_transaction_session_timeout", role, db)
+        for label, role, db in pairs
+    }
+    if pairs[0][0] != "(server default)":
+        evidence["effective_statement_timeout"] = {k: v for k, (v, _) in statement.items()}
+        evidence["effective_idle_in_transaction_session_timeout"] = {k: v for k, (v, _) in idle.items()}
+    hidden = [k for k, (v, _) in [*statement.items(), *idle.items()] if v is None]
+    unset_default = [k for k, (v, src) in statement.items() if v == 0 and src == "server default"]
+    unset_explicit = [k for k, (v, src) in statement.items() if v == 0 and src != "server default"]
+    # nothing anywhere (server default and every ALTER ROLE/DATABASE) is a fail; a role left out
+    # while others got one is a warning
+    set_anywhere = bool(pg.statement_timeout) or any(
+        v for _, _, name, v in pg.role_settings if name == "statement_timeout"
+    )
     outside = {
         k: v
-        for k, v in effective.items()
+        for k, (v, _) in statement.items()
         if v and not t.statement_timeout_min <= v <= t.statement_timeout_max
     }
-    set_somewhere = any(v for v in effective.values())
-    idle_unset = pg.idle_in_transaction_timeout == 0 and not any(
-        v for _, _, name, v in pg.role_settings if name == "idle_in_transaction_session_timeout"
-    )
+    idle_unset = [k for k, (v, _) in idle.items() if v == 0]
     problems, status = [], Status.OK
-    if not set_somewhere:
-        status = Status.FAIL
-        problems.append("statement_timeout is not set for the server nor any role/database")
-    elif unset and "(server default)" not in unset:
-        status = Status.WARN
-        problems.append("statement_timeout is 0 for " + ", ".join(unset))
+    if unset_default:
+        status = Status.WARN if set_anywhere else Status.FAIL
+        problems.append("no statement_timeout for " + ", ".join(unset_default))
+    if unset_explicit:
+        status = max(status, Status.WARN)
+        problems.append("statement_timeout explicitly 0 for " + ", ".join(unset_explicit))
     if outside:
         status = max(status, Status.WARN)
         problems.append(
             f"statement_timeout outside {band}: "
-            + ", ".join(f"{k}={_seconds(v)}" for k, v in outside.items())
+            + ", ".join(f"{k} {_seconds(v)}" for k, v in outside.items())
         )
     if idle_unset:
         status = max(status, Status.WARN)
-        problems.append("idle_in_transaction_session_timeout is not set")
+        problems.append("no idle_in_transaction_session_timeout for " + ", ".join(idle_unset))
+    values = [v for v, _ in statement.values() if v is not None]
+    value = 0.0 if (unset_default or unset_explicit) else (max(values) if values else None)
+    roles = sorted(
+        {
+            role
+            for label, role, _ in pairs
+            if label in {*unset_default, *unset_explicit, *outside, *idle_unset} and role != "\0"
+        }
+    )
+    who = ", ".join(roles) if roles else "<application role>"
+    fix = (
+        f"ALTER ROLE {who} SET statement_timeout = '30s' (within {band}); ALTER ROLE {who} SET "
+        "idle_in_transaction_session_timeout = '60s' (or server-wide: ALTER SYSTEM SET ...; "
+        "SELECT pg_reload_conf())"
+    )
     if problems:
+        return _finding(
+            check, pg.target, status, "; ".join(problems), evidence=evidence, value=value, fix=fix
+        )
+    if hidden:
+        role = pg.role or "poolwatch's role"
         return _finding(
             check,
             pg.target,
-            status,
-            "; ".join(problems),
+            Status.UNKNOWN,
+            f"cannot judge {', '.join(sorted(set(hidden)))}: an ALTER ROLE/DATABASE ... SET on {role} or "
+            "its database hides the server default",
             evidence=evidence,
-            value=pg.statement_timeout,
-            fix=f"ALTER ROLE app_role SET statement_timeout = '30s' (band {band}) and set "
-            "idle_in_transaction_session_timeout (e.g. 60s)",
+            value=value,
+            fix="set the timeouts on the application roles explicitly (ALTER ROLE ... SET)",
         )
+    scope = (
+        "the server default"
+        if pairs[0][0] == "(server default)"
+        else ", ".join(label for label, _, _ in pairs)
+    )
     return _finding(
         check,
         pg.target,
         Status.OK,
-        f"statement_timeout within {band}; idle-in-transaction timeout set",
+        f"statement_timeout within {band} and idle_in_transaction_session_timeout set for {scope}",
         evidence=evidence,
-        value=pg.statement_timeout,
+        value=value,
     )
 
 
@@ -378,7 +580,7 @@ def pgbouncer_timeouts(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, f
         return _down(check, pgb.target, pgb.down_detail)
     wait, connect = pgb.number("query_wait_timeout"), pgb.number("server_connect_timeout")
     if wait is None or connect is None:
-        return _finding(check, pgb.target, Status.UNKNOWN, "SHOW CONFIG did not return the timeouts")
+        return _no_config(check, pgb, "query_wait_timeout/server_connect_timeout")
     evidence = {
         "query_wait_timeout": wait,
         "server_connect_timeout": connect,
@@ -395,7 +597,7 @@ def pgbouncer_timeouts(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, f
             check,
             pgb.target,
             Status.WARN,
-            ", ".join(unset) + " = 0: clients can wait forever",
+            " and ".join(unset) + " = 0: a client can wait for a server connection forever",
             evidence=evidence,
             value=wait,
             fix="set query_wait_timeout (default 120) and server_connect_timeout (default 15)",
@@ -404,7 +606,8 @@ def pgbouncer_timeouts(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, f
         check,
         pgb.target,
         Status.OK,
-        f"query_wait_timeout {_seconds(wait)}, server_connect_timeout {_seconds(connect)}",
+        f"clients wait at most {_seconds(wait)} for a server (query_wait_timeout); connecting to "
+        f"PostgreSQL may take {_seconds(connect)} (server_connect_timeout)",
         evidence=evidence,
         value=wait,
     )
@@ -414,48 +617,75 @@ def pgbouncer_timeouts(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, f
 def direct_connections(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pg.up:
         return _down(check, pg.target, pg.down_detail)
-    if not pg.activity_readable:
+    if not pg.backends_readable:
+        return _no_pg_monitor(check, pg, "client addresses")
+    poolers = facts.pgbouncers_in_front_of(pg.target)
+    blind = [b.target for b in poolers if not b.up or not b.servers_readable]
+    if blind:
         return _finding(
             check,
             pg.target,
             Status.UNKNOWN,
-            "client addresses are hidden without pg_monitor",
-            fix="grant pg_monitor to poolwatch's role",
+            "cannot tell pooled connections from direct ones: SHOW SERVERS of "
+            + ", ".join(blind)
+            + " could not be read",
+            evidence={"pgbouncers": [b.target for b in poolers]},
         )
     pooled: set[tuple[str, int]] = set()
-    watched = [b for b in facts.pgbouncers if facts.links.get(b.target) == pg.target]
-    for pgb in watched:
+    for pgb in poolers:
         pooled |= pgb.server_endpoints
     bypass: dict[str, int] = {}
+    through = 0
     for addr, port, app in pg.backends:
-        if app.startswith(POOLWATCH_APP) or (addr, port) in pooled:
+        if _own(app):
             continue
-        key = f"{addr} {app or '(no application_name)'}"
+        if (addr, port) in pooled:
+            through += 1
+            continue
+        key = f"{addr} {_app_label(app)}"
         bypass[key] = bypass.get(key, 0) + 1
     count = sum(bypass.values())
     top = dict(sorted(bypass.items(), key=lambda kv: -kv[1])[:5])
     evidence: dict[str, Any] = {
-        "direct_client_backends": count,
-        "top_sources": top,
-        "pgbouncers_matched": [b.target for b in watched],
+        "direct_client_connections": count,
+        "through_pgbouncer": through,
+        "limit": t.direct_connections_max,
+        "top_direct_sources": top,
+        "pgbouncers": [b.target for b in poolers],
     }
+    endpoints = sum(len(b.server_endpoints) for b in poolers)
+    if count > t.direct_connections_max and endpoints and not through:
+        # PgBouncer has server connections, yet none is among PostgreSQL's backends: the addresses
+        # are translated between them (NAT, a proxy), so "direct" cannot be told from "pooled"
+        return _finding(
+            check,
+            pg.target,
+            Status.UNKNOWN,
+            f"cannot judge: none of the {endpoints} server connections PgBouncer reports appears among "
+            "PostgreSQL's client addresses (NAT or a proxy between them?)",
+            evidence=evidence,
+            value=count,
+        )
     if count > t.direct_connections_max:
         return _finding(
             check,
             pg.target,
             Status.FAIL,
-            f"{count} client connections reach PostgreSQL without PgBouncer "
-            f"(limit {t.direct_connections_max})",
+            f"{count} client connections reach PostgreSQL without PgBouncer (more than "
+            f"{t.direct_connections_max}); largest: "
+            + ", ".join(f"{k} ({v})" for k, v in list(top.items())[:3]),
             evidence=evidence,
             value=count,
             fix="route these applications through PgBouncer (transaction pooling) instead of "
             "connecting directly",
         )
+    via = f"; {through} through PgBouncer" if poolers else " (no PgBouncer target in front of it)"
     return _finding(
         check,
         pg.target,
         Status.OK,
-        f"{count} direct client connections (limit {t.direct_connections_max})",
+        f"{count} client connection{'s' if count != 1 else ''} bypass{'' if count != 1 else 'es'} "
+        f"PgBouncer (limit {t.direct_connections_max}){via}",
         evidence=evidence,
         value=count,
     )
@@ -467,7 +697,11 @@ def targets_up(check: Check, facts: Facts, t: DoctorThresholds) -> Finding:
         (p.target, "postgres", p.up, p.down_detail) for p in facts.postgres
     ]
     down = {f"{name} ({kind})": detail or "no answer" for name, kind, up, detail in everything if not up}
-    evidence = {"targets": len(everything), "down": down}
+    evidence = {
+        "targets": len(everything),
+        "up": [f"{name} ({kind})" for name, kind, up, _ in everything if up],
+        "down": down,
+    }
     if not everything:
         return _finding(check, "poolwatch", Status.UNKNOWN, "no targets configured", evidence=evidence)
     if down:
@@ -475,10 +709,11 @@ def targets_up(check: Check, facts: Facts, t: DoctorThresholds) -> Finding:
             check,
             "poolwatch",
             Status.FAIL,
-            f"{len(down)} of {len(everything)} targets are down: " + ", ".join(down),
+            f"{len(down)} of {len(everything)} targets are down, their pool metrics are missing: "
+            + "; ".join(f"{k}: {v}" for k, v in down.items()),
             evidence=evidence,
             value=len(down),
-            fix="see /readyz for the reason of each",
+            fix="see /readyz and poolwatch_target_down_reason for the reason of each",
         )
     return _finding(
         check,
@@ -500,30 +735,49 @@ def health_checks(check: Check, target: str, kind: str, facts: Facts) -> Finding
             target,
             Status.WARN,
             "no SELECT 1 check is configured for this target",
-            fix="enable probe (postgres) or probe.databases (pgbouncer)",
+            fix="set probe: true (postgres) or probe.databases: auto (pgbouncer)",
+            kind=kind,
         )
-    if not probes or all(p.success is None for p in probes):
-        return _finding(check, target, Status.UNKNOWN, "SELECT 1 checks have not run yet")
-    failing = {p.database: p.detail or "failed" for p in probes if p.success is False}
-    evidence = {"checked": sorted(p.database for p in probes), "failing": failing}
+    ran = [p for p in probes if p.success is not None]
+    if not ran:
+        bouncer = next((b for b in facts.pgbouncers if b.target == target), None)
+        if kind == "pgbouncer" and not probes and bouncer is not None and not bouncer.up:
+            why = "the target is down, and probe.databases 'auto' needs its database list"
+        elif kind == "pgbouncer" and not probes:
+            why = "PgBouncer lists no database to check"
+        else:
+            why = "the SELECT 1 checks have not run yet"
+        return _finding(check, target, Status.UNKNOWN, f"cannot judge: {why}", kind=kind)
+    failing = {p.database: p.detail or "failed" for p in ran if p.success is False}
+    evidence = {"checked": sorted(p.database for p in ran), "failing": failing}
     if failing:
         return _finding(
             check,
             target,
             Status.FAIL,
-            f"SELECT 1 fails through {len(failing)} of {len(probes)}: "
-            + ", ".join(f"{db}: {why}" for db, why in failing.items()),
+            f"SELECT 1 fails for {len(failing)} of {len(ran)} database(s): "
+            + "; ".join(f"{db}: {why}" for db, why in failing.items()),
             evidence=evidence,
             value=len(failing),
             fix="see the reason; poolwatch_probe_success shows when it recovers",
+            kind=kind,
         )
+    where = "through PgBouncer" if kind == "pgbouncer" else "directly"
     return _finding(
-        check, target, Status.OK, f"SELECT 1 passes for {len(probes)} database(s)", evidence=evidence, value=0
+        check,
+        target,
+        Status.OK,
+        f"SELECT 1 passes {where} for {len(ran)} database(s): " + ", ".join(evidence["checked"]),
+        evidence=evidence,
+        value=0,
+        kind=kind,
     )
 
 
 # -- 8. graceful shutdown --------------------------------------------------------------------------
-def _rate(history: list[Any], now: PostgresFacts, attr: str, window: float) -> tuple[float | None, float]:
+def _rate(
+    history: list[PostgresFacts], now: PostgresFacts, attr: str, window: float
+) -> tuple[float | None, float]:
     """Per-second rate of a counter between the oldest sample in the window and now; resets skipped."""
     current = getattr(now, attr)
     if current is None:
@@ -547,43 +801,55 @@ def _rate(history: list[Any], now: PostgresFacts, attr: str, window: float) -> t
     return delta / elapsed, elapsed
 
 
-def graceful_shutdown(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts: Facts) -> Finding:
-    if not pg.up:
-        return _down(check, pg.target, pg.down_detail)
+def _needs_pg14(check: Check, pg: PostgresFacts) -> Finding | None:
     if pg.version_num is not None and pg.version_num < 140000:
         return _finding(
             check,
             pg.target,
             Status.UNKNOWN,
-            f"PostgreSQL {pg.version_num // 10000} has no session counters (needs 14+)",
+            f"cannot judge: PostgreSQL {pg.version_num // 10000} has no session counters "
+            "(pg_stat_database.sessions needs 14+)",
         )
-    rate, elapsed = _rate(facts.past(pg.target), pg, "sessions_abandoned", t.history_window)
+    return None
+
+
+def graceful_shutdown(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts: Facts) -> Finding:
+    if not pg.up:
+        return _down(check, pg.target, pg.down_detail)
+    too_old = _needs_pg14(check, pg)
+    if too_old is not None:
+        return too_old
+    rate, elapsed = _rate(facts.past_postgres(pg.target), pg, "sessions_abandoned", t.history_window)
     if rate is None:
         return _finding(
             check,
             pg.target,
             Status.UNKNOWN,
-            "needs two collections to measure the rate of abandoned sessions",
+            "cannot judge yet: the rate of abandoned sessions needs two collections",
         )
     per_minute = rate * 60
-    evidence = {"sessions_abandoned_per_minute": round(per_minute, 3), "over_seconds": round(elapsed)}
+    evidence = {
+        "sessions_abandoned_per_minute": round(per_minute, 3),
+        "limit_per_minute": t.abandoned_per_minute_max,
+        "measured_over_seconds": round(elapsed, 1),
+    }
     if per_minute > t.abandoned_per_minute_max:
         return _finding(
             check,
             pg.target,
             Status.WARN,
-            f"{per_minute:.2f} sessions/min end without closing (clients vanish: no engine.dispose() "
-            "on shutdown, crashes or killed pods)",
+            f"{per_minute:.1f} sessions/min end with the client gone without saying goodbye (killed pods, "
+            "crashes, no engine.dispose() on shutdown)",
             evidence=evidence,
             value=per_minute,
-            fix="close pools on shutdown (engine.dispose(), pool.close()) and give pods a "
-            "terminationGracePeriod",
+            fix="close pools on shutdown (await engine.dispose(), await pool.close()) and give pods a "
+            "terminationGracePeriodSeconds long enough for it",
         )
     return _finding(
         check,
         pg.target,
         Status.OK,
-        f"{per_minute:.2f} abandoned sessions/min",
+        f"{per_minute:.2f} abandoned sessions/min (limit {t.abandoned_per_minute_max:g})",
         evidence=evidence,
         value=per_minute,
     )
@@ -593,62 +859,71 @@ def graceful_shutdown(check: Check, pg: PostgresFacts, t: DoctorThresholds, fact
 def sizing(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pgb.up:
         return _down(check, pgb.target, pgb.down_detail)
+    if not pgb.config_readable:
+        return _no_config(check, pgb, "default_pool_size")
     total, per_db = max_server_connections(pgb)
     pg = facts.postgres_named(facts.links.get(pgb.target))
     current = pg.client_backends if pg is not None and pg.up else None
     evidence: dict[str, Any] = {
         "max_server_connections": total,
-        "per_database": per_db,
+        "max_server_connections_per_database": per_db,
         "efficient_max": t.efficient_connections_max,
+        "memory_at_max_mb": f"{total * 5:g}–{total * t.memory_per_connection_mb:g}",
     }
     problems, status = [], Status.OK
     if t.cores is not None:
         rule = t.cores * 2 + t.spindles
-        conservative = min(t.cores * 4, 50)
+        pool_size = min(t.cores * 4, 50)
+        ceiling = pool_size + pool_size // 2
         evidence.update(
-            {"rule_of_thumb": rule, "async_pool_size": conservative, "async_max_overflow": conservative // 2}
+            {
+                "cores": t.cores,
+                "rule_of_thumb": rule,
+                "async_pool_size": pool_size,
+                "async_max_overflow": pool_size // 2,
+                "per_database_ceiling": ceiling,
+            }
         )
-        big = {db: n for db, n in per_db.items() if n > 2 * rule}
+        big = {db: n for db, n in per_db.items() if n > ceiling}
         if big:
             status = Status.WARN
             problems.append(
-                f"pools far above cores×2+spindles = {rule}: "
+                f"databases above min(cores×4, 50) + overflow = {ceiling} server connections: "
                 + ", ".join(f"{db}: {n}" for db, n in big.items())
+                + f" (cores×2+spindles = {rule})"
             )
     if total > t.efficient_connections_max:
         status = Status.WARN
         problems.append(
             f"up to {total} server connections, above the ~{t.efficient_connections_max} PostgreSQL "
-            "serves efficiently"
+            f"serves efficiently ({total * 5:g}–{total * t.memory_per_connection_mb:g} MB of backend memory)"
         )
     if current is not None:
-        evidence["postgres_client_backends"] = current
-        evidence["estimated_memory_mb"] = f"{current * 5}–{current * t.memory_per_connection_mb:g}"
+        evidence["postgres_client_connections"] = current
+        evidence["memory_now_mb"] = f"{current * 5:g}–{current * t.memory_per_connection_mb:g}"
+    fix = "smaller pools win: size pools near cores×2+spindles and let PgBouncer queue the rest"
     if problems:
         return _finding(
-            check,
-            pgb.target,
-            status,
-            "; ".join(problems),
-            evidence=evidence,
-            value=total,
-            fix="smaller pools win: size pools near cores×2+spindles and queue in PgBouncer",
+            check, pgb.target, status, "; ".join(problems), evidence=evidence, value=total, fix=fix
         )
     if t.cores is None:
         return _finding(
             check,
             pgb.target,
             Status.UNKNOWN,
-            f"at most {total} server connections (within {t.efficient_connections_max}); set "
-            "doctor.defaults.cores to compare with cores×2+spindles",
+            f"at most {total} server connections (within ~{t.efficient_connections_max}), but the "
+            "PostgreSQL server's core count is not configured, so pools cannot be compared with "
+            "cores×2+spindles",
             evidence=evidence,
             value=total,
+            fix="set doctor.defaults.cores (and spindles) to the PostgreSQL server's",
         )
     return _finding(
         check,
         pgb.target,
         Status.OK,
-        f"at most {total} server connections, pools near the rule of thumb",
+        f"at most {total} server connections; every database within {evidence['per_database_ceiling']} "
+        f"(cores×2+spindles = {evidence['rule_of_thumb']})",
         evidence=evidence,
         value=total,
     )
@@ -658,19 +933,24 @@ def sizing(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts)
 def connection_churn(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pg.up:
         return _down(check, pg.target, pg.down_detail)
-    if pg.version_num is not None and pg.version_num < 140000:
-        return _finding(check, pg.target, Status.UNKNOWN, "session counters need PostgreSQL 14+")
-    history = facts.past(pg.target)
+    too_old = _needs_pg14(check, pg)
+    if too_old is not None:
+        return too_old
+    history = facts.past_postgres(pg.target)
     sessions, elapsed = _rate(history, pg, "sessions", t.history_window)
     xacts, _ = _rate(history, pg, "xacts", t.history_window)
     if sessions is None or xacts is None:
-        return _finding(check, pg.target, Status.UNKNOWN, "needs two collections to measure session churn")
+        return _finding(
+            check, pg.target, Status.UNKNOWN, "cannot judge yet: session churn needs two collections"
+        )
     ratio = sessions / xacts if xacts > 0 else float("inf") if sessions > 0 else 0.0
     evidence = {
         "new_sessions_per_second": round(sessions, 3),
         "transactions_per_second": round(xacts, 3),
         "sessions_per_transaction": round(ratio, 3) if ratio != float("inf") else "inf",
-        "over_seconds": round(elapsed),
+        "limits": f"≥ {t.churn_sessions_per_second_min:g} sessions/s and > "
+        f"{t.churn_sessions_per_transaction_max:g} sessions per transaction",
+        "measured_over_seconds": round(elapsed, 1),
     }
     if sessions >= t.churn_sessions_per_second_min and ratio > t.churn_sessions_per_transaction_max:
         return _finding(
@@ -687,7 +967,7 @@ def connection_churn(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts
         check,
         pg.target,
         Status.OK,
-        f"{sessions:.2f} new sessions/s, {xacts:.2f} transactions/s",
+        f"{sessions:.2f} new sessions/s for {xacts:.2f} transactions/s",
         evidence=evidence,
         value=sessions,
     )
@@ -697,61 +977,62 @@ def connection_growth(check: Check, pg: PostgresFacts, t: DoctorThresholds, fact
     if not pg.up:
         return _down(check, pg.target, pg.down_detail)
     usable, used = pg.usable_connections, pg.client_backends
-    if usable is None or used is None or usable <= 0:
-        return _finding(check, pg.target, Status.UNKNOWN, "max_connections or connection counts unavailable")
+    if not pg.activity_readable or used is None:
+        return _no_pg_monitor(check, pg, "other roles' connections")
+    if usable is None or usable <= 0:
+        return _finding(check, pg.target, Status.UNKNOWN, "cannot judge: max_connections is unknown")
     ratio = used / usable
-    samples = [p.client_backends for p in facts.past(pg.target) if p.client_backends is not None] + [used]
-    growing = len(samples) >= 5 and all(b > a for a, b in zip(samples[-5:], samples[-4:], strict=False))
-    evidence = {
-        "client_backends": used,
+    # per application: the last GROWTH_SAMPLES collections, each higher than the one before
+    history = [p for p in facts.past_postgres(pg.target) if p.activity_readable] + [pg]
+    recent = history[-GROWTH_SAMPLES:]
+    apps = {app for sample in recent for app in sample.connections_by_application() if not _own(app)}
+    series = {app: [s.connections_by_application().get(app, 0) for s in recent] for app in sorted(apps)}
+    growing = {
+        _app_label(app): counts
+        for app, counts in series.items()
+        if len(counts) >= GROWTH_SAMPLES and all(b > a for a, b in pairwise(counts))
+    }
+    evidence: dict[str, Any] = {
+        "client_connections": used,
         "usable_connections": usable,
         "saturation": round(ratio, 3),
-        "recent": samples[-5:],
+        "saturation_warn_fail": f"{t.saturation_warn:g} / {t.saturation_fail:g}",
+        "trend_samples": f"{len(recent)} of {GROWTH_SAMPLES} needed",
     }
+    if growing:
+        evidence["growing_applications"] = growing
     fix = "bound every client pool (max_overflow, max_size) and route applications through PgBouncer"
+    slots = f"{used} of {usable} usable connection slots in use ({ratio:.0%})"
     if ratio >= t.saturation_fail:
-        return _finding(
-            check,
-            pg.target,
-            Status.FAIL,
-            f"{used} of {usable} usable connection slots in use ({ratio:.0%})",
-            evidence=evidence,
-            value=ratio,
-            fix=fix,
-        )
+        return _finding(check, pg.target, Status.FAIL, slots, evidence=evidence, value=ratio, fix=fix)
     if ratio >= t.saturation_warn or growing:
-        why = f"{used} of {usable} usable slots in use ({ratio:.0%})" + (
-            "; connections keep growing" if growing else ""
+        why = slots + (
+            "; connections keep growing for "
+            + ", ".join(f"{a} ({' → '.join(map(str, c))})" for a, c in growing.items())
+            if growing
+            else ""
         )
         return _finding(check, pg.target, Status.WARN, why, evidence=evidence, value=ratio, fix=fix)
-    return _finding(
-        check,
-        pg.target,
-        Status.OK,
-        f"{used} of {usable} usable connection slots in use ({ratio:.0%})",
-        evidence=evidence,
-        value=ratio,
+    trend = (
+        "no application keeps growing"
+        if len(recent) >= GROWTH_SAMPLES
+        else f"a growth trend needs {GROWTH_SAMPLES} collections (have {len(recent)}; the daemon keeps them)"
     )
+    return _finding(check, pg.target, Status.OK, f"{slots}; {trend}", evidence=evidence, value=ratio)
 
 
 def long_transactions(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pg.up:
         return _down(check, pg.target, pg.down_detail)
     if not pg.activity_readable:
-        return _finding(
-            check,
-            pg.target,
-            Status.UNKNOWN,
-            "other roles' transactions are hidden without pg_monitor",
-            fix="grant pg_monitor to poolwatch's role",
-        )
+        return _no_pg_monitor(check, pg, "other roles' transactions")
     oldest_xact, idle_tx = 0.0, 0.0
     where_xact, where_idle = "", ""
     idle_count = 0
     for row in pg.activity:
-        if row.application_name == POOLWATCH_APP:
+        if _own(row.application_name):
             continue
-        label = f"{row.usename}@{row.datname} ({row.application_name or 'no application_name'})"
+        label = f"{row.usename}@{row.datname}, {_app_label(row.application_name)}"
         if row.oldest_xact_age is not None and row.oldest_xact_age > oldest_xact:
             oldest_xact, where_xact = row.oldest_xact_age, label
         if row.state.startswith("idle in transaction"):
@@ -760,10 +1041,13 @@ def long_transactions(check: Check, pg: PostgresFacts, t: DoctorThresholds, fact
                 idle_tx, where_idle = row.max_state_age, label
     evidence = {
         "oldest_transaction_seconds": round(oldest_xact, 1),
-        "oldest_transaction_by": where_xact,
+        "oldest_transaction_by": where_xact or "-",
         "idle_in_transaction_sessions": idle_count,
         "longest_idle_in_transaction_seconds": round(idle_tx, 1),
-        "idle_in_transaction_by": where_idle,
+        "idle_in_transaction_by": where_idle or "-",
+        "limits_warn_fail": f"transaction {_seconds(t.long_transaction_warn)} / "
+        f"{_seconds(t.long_transaction_fail)}; idle in transaction {_seconds(t.idle_in_transaction_warn)} / "
+        f"{_seconds(t.idle_in_transaction_fail)}",
     }
     status, problems = Status.OK, []
     if oldest_xact > t.long_transaction_fail or idle_tx > t.idle_in_transaction_fail:
@@ -771,9 +1055,11 @@ def long_transactions(check: Check, pg: PostgresFacts, t: DoctorThresholds, fact
     elif oldest_xact > t.long_transaction_warn or idle_tx > t.idle_in_transaction_warn:
         status = Status.WARN
     if oldest_xact > t.long_transaction_warn:
-        problems.append(f"a transaction has been open {_seconds(round(oldest_xact))} ({where_xact})")
+        problems.append(f"a transaction has been open for {_seconds(round(oldest_xact))} ({where_xact})")
     if idle_tx > t.idle_in_transaction_warn:
-        problems.append(f"a session is idle in transaction for {_seconds(round(idle_tx))} ({where_idle})")
+        problems.append(
+            f"a session has been idle in transaction for {_seconds(round(idle_tx))} ({where_idle})"
+        )
     if problems:
         return _finding(
             check,
@@ -782,7 +1068,8 @@ def long_transactions(check: Check, pg: PostgresFacts, t: DoctorThresholds, fact
             "; ".join(problems),
             evidence=evidence,
             value=max(oldest_xact, idle_tx),
-            fix="don't hold transactions across external calls; set idle_in_transaction_session_timeout",
+            fix="don't hold a transaction across external calls or user think time; set "
+            "idle_in_transaction_session_timeout",
         )
     return _finding(
         check,
@@ -796,40 +1083,56 @@ def long_transactions(check: Check, pg: PostgresFacts, t: DoctorThresholds, fact
 
 
 # -- 11. PgBouncer traps from the field --------------------------------------------------------------
+_TRUE = ("1", "on", "yes", "true")
+
+
 def reuseport_peers(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pgb.up:
         return _down(check, pgb.target, pgb.down_detail)
     reuse = pgb.setting("so_reuseport")
     if reuse is None:
-        return _finding(check, pgb.target, Status.UNKNOWN, "SHOW CONFIG did not return so_reuseport")
+        return _no_config(check, pgb, "so_reuseport")
     siblings = [
         b.target
         for b in facts.pgbouncers
-        if b.target != pgb.target and (b.host, b.port) == (pgb.host, pgb.port)
+        if b.target != pgb.target and (b.host, b.port) == (pgb.host, pgb.port) and b.port
     ]
     peer_id = pgb.number("peer_id")
-    evidence = {
+    evidence: dict[str, Any] = {
         "so_reuseport": reuse,
-        "peer_id": peer_id if peer_id is not None else "unsupported",
-        "same_port_targets": siblings,
+        "peer_id": peer_id if peer_id is not None else f"not supported by {pgb.version_text}",
+        "peers": pgb.peers if pgb.peers is not None else "not reported",
+        "same_address_targets": siblings,
     }
-    if reuse in ("1", "on", "yes", "true") and not peer_id:
+    if reuse.lower() not in _TRUE:
+        return _finding(
+            check, pgb.target, Status.OK, "so_reuseport is off: no port sharing", evidence=evidence, value=0
+        )
+    missing = []
+    if not peer_id:
+        missing.append("peer_id" if peer_id is not None else f"peering (PgBouncer {pgb.version_text})")
+    if pgb.peers == 0:
+        missing.append("[peers] entries")
+    if missing:
         status = Status.FAIL if siblings else Status.WARN
         return _finding(
             check,
             pgb.target,
             status,
-            "so_reuseport is on without peering: a cancel request can land on another process and "
-            "be lost" + (f" (shares its port with {', '.join(siblings)})" if siblings else ""),
+            f"so_reuseport = 1 without {' and '.join(missing)}: a cancel request can reach another "
+            "process sharing the port and is lost"
+            + (f" (shares its address with {', '.join(siblings)})" if siblings else ""),
             evidence=evidence,
             value=1,
-            fix="give each process a unique peer_id and list all of them under [peers] (PgBouncer 1.21+)",
+            fix="give each process a unique peer_id and list all of them under [peers] (PgBouncer 1.19+)",
         )
     return _finding(
         check,
         pgb.target,
         Status.OK,
-        "no port sharing without peering" if reuse not in ("1", "on") else "so_reuseport with peering",
+        f"so_reuseport with peering (peer_id {peer_id:g}, {pgb.peers} peers)"
+        if pgb.peers is not None and peer_id is not None
+        else "so_reuseport with peering",
         evidence=evidence,
         value=0,
     )
@@ -839,62 +1142,106 @@ def prepared_statements(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, 
     if not pgb.up:
         return _down(check, pgb.target, pgb.down_detail)
     mode = pgb.setting("pool_mode")
-    evidence: dict[str, Any] = {"pool_mode": mode, "version": ".".join(map(str, pgb.version or ()))}
-    if mode not in ("transaction", "statement"):
+    if mode is None:
+        return _no_config(check, pgb, "pool_mode")
+    modes = {"(global)": mode}
+    for row in pgb.databases:
+        db_mode = row.get("pool_mode")
+        if isinstance(db_mode, str) and db_mode and row.get("name") != "pgbouncer" and db_mode != mode:
+            modes[str(row.get("name"))] = db_mode
+    pooled = {k: v for k, v in modes.items() if v in ("transaction", "statement")}
+    evidence: dict[str, Any] = {"pool_mode": modes if len(modes) > 1 else mode, "version": pgb.version_text}
+    if not pooled:
         return _finding(
-            check, pgb.target, Status.OK, f"pool_mode {mode}: session state survives", evidence=evidence
+            check,
+            pgb.target,
+            Status.OK,
+            f"pool_mode {mode}: session state (prepared statements included) stays with the client",
+            evidence=evidence,
+            value=0,
         )
     if pgb.version is not None and pgb.version < (1, 21, 0):
         return _finding(
             check,
             pgb.target,
-            Status.WARN if mode == "transaction" else Status.OK,
-            f"PgBouncer {evidence['version']} cannot track protocol-level prepared statements in "
-            "transaction pooling; clients must not prepare",
+            Status.FAIL if t.expect_prepared_statements else Status.WARN,
+            f"PgBouncer {pgb.version_text} cannot keep protocol-level prepared statements in "
+            "transaction pooling: clients that prepare (asyncpg, psycopg prepare, JDBC) get "
+            "'prepared statement does not exist'",
             evidence=evidence,
-            fix="upgrade to 1.21+ and set max_prepared_statements, or disable client prepares",
+            value=1,
+            fix="upgrade to PgBouncer 1.21+ and set max_prepared_statements, or turn prepares off in "
+            "the clients (asyncpg statement_cache_size=0)",
         )
     limit = pgb.number("max_prepared_statements")
+    if limit is None:
+        return _no_config(check, pgb, "max_prepared_statements")
     evidence["max_prepared_statements"] = limit
-    history = [h for h in facts.past(pgb.target) if isinstance(h, PgBouncerFacts)]
+    evidence["clients_prepare"] = (
+        "unknown" if t.expect_prepared_statements is None else t.expect_prepared_statements
+    )
     now_parses = pgb.totals.get("client_parse_count")
     prior = next(
         (
-            h.totals.get("client_parse_count")
-            for h in history
-            if h.totals.get("client_parse_count") is not None and h.collected_at < pgb.collected_at
+            h.totals["client_parse_count"]
+            for h in facts.past_pgbouncer(pgb.target)
+            if "client_parse_count" in h.totals and h.collected_at < pgb.collected_at
         ),
         None,
     )
     rising = now_parses is not None and prior is not None and now_parses > prior
-    evidence["client_parses_rising"] = rising if now_parses is not None else "not reported (needs 1.24+)"
-    if limit == 0:
-        if rising:
-            return _finding(
-                check,
-                pgb.target,
-                Status.FAIL,
-                "clients prepare statements but max_prepared_statements = 0 in transaction pooling: "
-                "'prepared statement does not exist' errors follow",
-                evidence=evidence,
-                value=1,
-                fix="set max_prepared_statements (e.g. 200)",
-            )
-        if now_parses is None:
-            return _finding(
-                check,
-                pgb.target,
-                Status.UNKNOWN,
-                "max_prepared_statements = 0; this version does not report client parse counts",
-                evidence=evidence,
-            )
+    if now_parses is None:
+        evidence["client_parse_count"] = f"not reported by {pgb.version_text} (1.24+)"
+    else:
+        evidence["client_parse_count"] = now_parses
+        evidence["client_parses_rising"] = rising
+    if limit > 0:
+        summary = f"max_prepared_statements = {limit:g}: PgBouncer keeps clients' prepared statements"
+        if rising and now_parses is not None and prior is not None:
+            summary += f" ({now_parses - prior:g} prepares since the last collection)"
+        return _finding(check, pgb.target, Status.OK, summary, evidence=evidence, value=0)
+    fix = (
+        "set max_prepared_statements (e.g. 200), or turn prepares off in the clients "
+        "(asyncpg statement_cache_size=0, psycopg prepare_threshold=None)"
+    )
+    if rising or t.expect_prepared_statements:
+        why = (
+            "clients prepare statements (SHOW STATS client parses rising)"
+            if rising
+            else "clients prepare statements (doctor expect_prepared_statements: true)"
+        )
+        return _finding(
+            check,
+            pgb.target,
+            Status.FAIL,
+            f"{why} but max_prepared_statements = 0 in transaction pooling: they get "
+            "'prepared statement does not exist' / 'already exists' errors",
+            evidence=evidence,
+            value=1,
+            fix=fix,
+        )
+    if t.expect_prepared_statements is False:
+        return _finding(
+            check,
+            pgb.target,
+            Status.OK,
+            "max_prepared_statements = 0, and the clients are declared not to prepare "
+            "(doctor expect_prepared_statements: false)",
+            evidence=evidence,
+            value=0,
+        )
+    # measured on 1.24.1: with max_prepared_statements = 0 the parse counters stay 0 while clients
+    # prepare, so silence proves nothing
     return _finding(
         check,
         pgb.target,
-        Status.OK,
-        "prepared statements are tracked" if limit else "no client prepares seen",
+        Status.WARN,
+        "transaction pooling with max_prepared_statements = 0: a client that prepares (asyncpg by "
+        "default, psycopg prepare, JDBC) breaks, and PgBouncer does not count prepares in this mode, "
+        "so poolwatch cannot see whether any client does",
         evidence=evidence,
-        value=0,
+        value=1,
+        fix=fix + "; if no client prepares, say so with doctor expect_prepared_statements: false",
     )
 
 
@@ -903,9 +1250,7 @@ def startup_parameters(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, f
         return _down(check, pgb.target, pgb.down_detail)
     ignored = pgb.setting("ignore_startup_parameters")
     if ignored is None:
-        return _finding(
-            check, pgb.target, Status.UNKNOWN, "SHOW CONFIG did not return ignore_startup_parameters"
-        )
+        return _no_config(check, pgb, "ignore_startup_parameters")
     names = {p.strip() for p in ignored.split(",") if p.strip()}
     evidence = {
         "ignore_startup_parameters": sorted(names),
@@ -916,17 +1261,17 @@ def startup_parameters(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, f
             check,
             pgb.target,
             Status.FAIL,
-            "lib/pq and JDBC clients send extra_float_digits, which PgBouncer rejects: "
+            "lib/pq and JDBC clients send extra_float_digits, which PgBouncer rejects with "
             "'unsupported startup parameter'",
             evidence=evidence,
             value=1,
             fix="ignore_startup_parameters = extra_float_digits",
         )
     summary = (
-        "extra_float_digits is ignored"
+        "extra_float_digits is ignored: lib/pq and JDBC clients can connect"
         if "extra_float_digits" in names
-        else "extra_float_digits is not ignored (fine unless lib/pq or JDBC clients connect: set "
-        "doctor expect_extra_float_digits: true for them)"
+        else "extra_float_digits is not ignored; fine unless lib/pq or JDBC clients connect (then set "
+        "doctor expect_extra_float_digits: true)"
     )
     return _finding(check, pgb.target, Status.OK, summary, evidence=evidence, value=0)
 
@@ -938,45 +1283,63 @@ PGBOUNCER_CHECKS: tuple[Check, ...] = (
         "pgbouncer",
         f"{SEED}: pool_pre_ping ⇔ PgBouncer server_check_query/server_check_delay",
         stale_connections,
+        1,
     ),
     Check(
-        "recycling", "Connection recycling", "pgbouncer", f"{SEED}: pool_recycle set (1–4 hours)", recycling
+        "recycling",
+        "Connection recycling",
+        "pgbouncer",
+        f"{SEED}: pool_recycle set (1–4 hours) ⇔ server_lifetime",
+        recycling,
+        2,
     ),
     Check(
         "bounded_overflow",
         "Bounded overflow",
         "pgbouncer",
-        f"{SEED}: max_overflow bounded (pool_size / 2); fits under max_connections",
+        f"{SEED}: max_overflow bounded (pool_size / 2) ⇔ reserve_pool_size; fits under max_connections",
         bounded_overflow,
+        3,
     ),
-    Check("timeouts", "Timeouts", "pgbouncer", f"{SEED}: connection timeout configured", pgbouncer_timeouts),
+    Check(
+        "timeouts",
+        "Client wait and connect timeouts",
+        "pgbouncer",
+        f"{SEED}: connection timeout configured ⇔ query_wait_timeout, server_connect_timeout",
+        pgbouncer_timeouts,
+        4,
+    ),
     Check(
         "sizing",
         "Pool sizing",
         "pgbouncer",
-        f"{SEED}: cores × 2 + spindles; ~300 connections; 5–10 MB each",
+        f"{SEED}: cores × 2 + spindles; min(cores × 4, 50) + pool_size / 2; ~300 connections; 5–10 MB each",
         sizing,
+        9,
     ),
     Check(
         "reuseport_peers",
         "so_reuseport without peering",
         "pgbouncer",
-        "field-notes.md: cancel requests across so_reuseport processes",
+        f"{NOTES}: one PgBouncer per core behind one port; cancel requests need peering",
         reuseport_peers,
+        11,
     ),
     Check(
         "prepared_statements",
         "Prepared statements in transaction pooling",
         "pgbouncer",
-        "field-notes.md: max_prepared_statements (1.21+)",
+        f"{NOTES} (a7): max_prepared_statements, PgBouncer 1.21+; parse counters 1.24+",
         prepared_statements,
+        11,
     ),
     Check(
         "startup_parameters",
         "Startup parameters",
         "pgbouncer",
-        "field-notes.md: unsupported startup parameter extra_float_digits",
+        f"{NOTES} (a4): unsupported startup parameter extra_float_digits",
         startup_parameters,
+        11,
     ),
 )
 
@@ -987,27 +1350,31 @@ POSTGRES_CHECKS: tuple[Check, ...] = (
         "postgres",
         f"{SEED}: pool_recycle set (1–4 hours)",
         connection_age,
+        2,
     ),
     Check(
         "timeouts",
-        "Timeouts",
+        "Statement and idle-in-transaction timeouts",
         "postgres",
-        f"{SEED}: statement_timeout 30 s; timeouts 30–60 s",
+        f"{SEED}: statement_timeout 30 s; connection timeout 30–60 s",
         postgres_timeouts,
+        4,
     ),
     Check(
         "direct_connections",
-        "PgBouncer above 100 concurrent connections",
+        "Connections bypassing PgBouncer",
         "postgres",
         f"{SEED}: PgBouncer for high connection count (>100 concurrent)",
         direct_connections,
+        5,
     ),
     Check(
         "graceful_shutdown",
         "Graceful shutdown",
         "postgres",
-        f"{SEED}: graceful shutdown disposes connections properly",
+        f"{SEED}: graceful shutdown disposes connections properly (PG14+ sessions_abandoned)",
         graceful_shutdown,
+        8,
     ),
     Check(
         "connection_churn",
@@ -1015,13 +1382,15 @@ POSTGRES_CHECKS: tuple[Check, ...] = (
         "postgres",
         f"{SEED}: anti-pattern: creating engine per request",
         connection_churn,
+        10,
     ),
     Check(
         "connection_growth",
         "Unbounded connection growth",
         "postgres",
-        f"{SEED}: anti-pattern: unbounded connection growth",
+        f"{SEED}: anti-pattern: unbounded connection growth (max_overflow=-1)",
         connection_growth,
+        10,
     ),
     Check(
         "long_transactions",
@@ -1029,6 +1398,7 @@ POSTGRES_CHECKS: tuple[Check, ...] = (
         "postgres",
         f"{SEED}: anti-pattern: long-running transactions",
         long_transactions,
+        10,
     ),
 )
 
@@ -1038,13 +1408,15 @@ TARGETS_UP = Check(
     "poolwatch",
     f"{SEED}: metrics exported for pool utilization",
     targets_up,
+    6,
 )
 HEALTH = Check(
     "health_checks",
     "Health checks validate connectivity",
     "any",
-    f"{SEED}: health check endpoint validates DB connectivity",
+    f"{SEED}: health check endpoint validates DB connectivity (SELECT 1)",
     health_checks,
+    7,
 )
 
 ALL_CHECK_IDS: tuple[str, ...] = tuple(
@@ -1056,24 +1428,34 @@ ALL_CHECK_IDS: tuple[str, ...] = tuple(
 
 def evaluate(facts: Facts, thresholds: Callable[[str], DoctorThresholds]) -> list[Finding]:
     """Every check for every target; a crashing check becomes UNKNOWN rather than hiding the rest."""
-    findings = [_safe(TARGETS_UP, "poolwatch", targets_up, TARGETS_UP, facts, thresholds("poolwatch"))]
+    findings = [
+        _safe(TARGETS_UP, "poolwatch", "poolwatch", targets_up, TARGETS_UP, facts, thresholds("poolwatch"))
+    ]
     for pgb in facts.pgbouncers:
         t = thresholds(pgb.target)
-        findings.extend(_safe(c, pgb.target, c.run, c, pgb, t, facts) for c in PGBOUNCER_CHECKS)
-        findings.append(_safe(HEALTH, pgb.target, health_checks, HEALTH, pgb.target, "pgbouncer", facts))
+        findings.extend(_safe(c, pgb.target, "pgbouncer", c.run, c, pgb, t, facts) for c in PGBOUNCER_CHECKS)
+        findings.append(
+            _safe(HEALTH, pgb.target, "pgbouncer", health_checks, HEALTH, pgb.target, "pgbouncer", facts)
+        )
     for pg in facts.postgres:
         t = thresholds(pg.target)
-        findings.extend(_safe(c, pg.target, c.run, c, pg, t, facts) for c in POSTGRES_CHECKS)
-        findings.append(_safe(HEALTH, pg.target, health_checks, HEALTH, pg.target, "postgres", facts))
+        findings.extend(_safe(c, pg.target, "postgres", c.run, c, pg, t, facts) for c in POSTGRES_CHECKS)
+        findings.append(
+            _safe(HEALTH, pg.target, "postgres", health_checks, HEALTH, pg.target, "postgres", facts)
+        )
     return findings
 
 
-def _safe(check: Check, target: str, run: Callable[..., Finding], *args: Any) -> Finding:
+def _safe(check: Check, target: str, kind: str, run: Callable[..., Finding], *args: Any) -> Finding:
     try:
         return run(*args)
     except Exception as exc:  # a bug in one rule must not blank the report
         return _finding(
-            check, target, Status.UNKNOWN, f"check failed to evaluate: {type(exc).__name__}: {exc}"
+            check,
+            target,
+            Status.UNKNOWN,
+            f"check failed to evaluate: {type(exc).__name__}: {exc}",
+            kind=kind,
         )
 
 

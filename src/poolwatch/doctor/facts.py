@@ -3,6 +3,9 @@
 Keeping the checks on these small types (instead of the sources' observation classes) makes each
 check a pure function that a test can feed by hand, and confines the mapping from SHOW columns
 and catalog rows to one adapter (``poolwatch.doctor.adapt``).
+
+"Not readable" is always kept apart from "empty": a check that cannot see its data says
+``unknown`` and why, it never falls back to ``ok``.
 """
 
 from __future__ import annotations
@@ -34,24 +37,36 @@ class PostgresFacts:
     max_connections: int | None = None
     superuser_reserved: int = 0
     reserved: int = 0
-    statement_timeout: float | None = None  # seconds, server default; 0 = unset
+    #: server default in seconds; 0 = unset; None = unknown (also when an ALTER ROLE/DATABASE ... SET
+    #: on poolwatch's own role or database hides the server-wide value)
+    statement_timeout: float | None = None
     idle_in_transaction_timeout: float | None = None
     #: (database or "", role or "", setting name, value in seconds) from pg_db_role_setting
     role_settings: list[tuple[str, str, str, float]] = field(default_factory=list)
+    role_settings_readable: bool = True
     activity: list[ActivityRow] = field(default_factory=list)
-    activity_readable: bool = True  # False when the role lacks pg_monitor
+    activity_readable: bool = True  # False when the role lacks pg_monitor (or the query failed)
     #: client backends: (client_addr or "local", client_port or -1, application_name)
     backends: list[tuple[str, int, str]] = field(default_factory=list)
+    backends_readable: bool = True
     client_backends: int | None = None
     sessions: float | None = None  # pg_stat_database sessions, all databases (PG14+)
     sessions_abandoned: float | None = None
     xacts: float | None = None  # commits + rollbacks, all databases
+    #: the role poolwatch is connected as (named in "grant pg_monitor to ..." advice)
+    role: str | None = None
 
     @property
     def usable_connections(self) -> int | None:
         if self.max_connections is None:
             return None
         return self.max_connections - self.superuser_reserved - self.reserved
+
+    def connections_by_application(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self.activity:
+            counts[row.application_name] = counts.get(row.application_name, 0) + row.count
+        return counts
 
 
 @dataclass
@@ -63,13 +78,17 @@ class PgBouncerFacts:
     port: int = 0
     down_detail: str | None = None
     version: tuple[int, int, int] | None = None
-    config: dict[str, str] = field(default_factory=dict)  # SHOW CONFIG, raw text values
+    #: SHOW CONFIG exactly as printed (1.25's ``<empty>`` kept apart from ``""``)
+    config: dict[str, str] = field(default_factory=dict)
     config_readable: bool = True
     databases: list[dict[str, Any]] = field(default_factory=list)
     pools: list[dict[str, Any]] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=dict)  # SHOW STATS totals summed over databases
     #: (local_addr, local_port) of PgBouncer's server connections, to tell pooled backends apart
     server_endpoints: set[tuple[str, int]] = field(default_factory=set)
+    servers_readable: bool = True  # SHOW SERVERS answered
+    #: SHOW LISTS ``peers`` (1.21+): entries in the [peers] section; None when not reported
+    peers: int | None = None
 
     def setting(self, key: str) -> str | None:
         return self.config.get(key)
@@ -82,6 +101,10 @@ class PgBouncerFacts:
             return float(value)
         except ValueError:
             return None
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(map(str, self.version)) if self.version else "unknown"
 
 
 @dataclass
@@ -103,12 +126,22 @@ class Facts:
     probes: list[ProbeFacts] = field(default_factory=list)
     #: pgbouncer target → postgres target behind it
     links: dict[str, str] = field(default_factory=dict)
-    #: configured probe databases per pgbouncer target ("auto" resolved); postgres probe enabled
+    #: target → whether a SELECT 1 check is configured for it
     probes_configured: dict[str, bool] = field(default_factory=dict)
     history: dict[str, deque[Any]] = field(default_factory=dict)
 
     def postgres_named(self, name: str | None) -> PostgresFacts | None:
         return next((p for p in self.postgres if p.target == name), None)
 
+    def pgbouncers_in_front_of(self, postgres: str) -> list[PgBouncerFacts]:
+        return [b for b in self.pgbouncers if self.links.get(b.target) == postgres]
+
     def past(self, target: str) -> list[Any]:
         return list(self.history.get(target, ()))
+
+    # a PgBouncer and a PostgreSQL target may share a name: each reads only its own kind's samples
+    def past_postgres(self, target: str) -> list[PostgresFacts]:
+        return [p for p in self.past(target) if isinstance(p, PostgresFacts)]
+
+    def past_pgbouncer(self, target: str) -> list[PgBouncerFacts]:
+        return [p for p in self.past(target) if isinstance(p, PgBouncerFacts)]

@@ -33,14 +33,20 @@ class Finding:
     recommendation: str | None = None  # what to change; None when ok
     reference: str = ""  # where the rule and its threshold come from
     value: float | None = None  # the number behind the verdict, exported as poolwatch_check_value
+    kind: str = ""  # "pgbouncer", "postgres" or "poolwatch": a PgBouncer and a PostgreSQL may share a name
+    item: int = 0  # the checklist item (1-11) this check belongs to
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["status"] = self.status.label
-        return data
+        order = ("check", "item", "title", "target", "kind", "status", "summary", "evidence")
+        return {**{key: data.pop(key) for key in order}, **data}
+
+
+SEVERITY = {Status.OK: 0, Status.UNKNOWN: 1, Status.WARN: 2, Status.FAIL: 3}
 
 
 def worst(findings: list[Finding]) -> Status:
-    """FAIL beats WARN beats UNKNOWN beats OK: an unknown is never reported as fine."""
-    order = {Status.OK: 0, Status.UNKNOWN: 1, Status.WARN: 2, Status.FAIL: 3}
-    return max((f.status for f in findings), key=lambda s: order[s], default=Status.OK)
+    """FAIL beats WARN beats UNKNOWN beats OK: an unknown is never reported as fine, and no
+    findings at all (nothing evaluated yet) is unknown too."""
+    return max((f.status for f in findings), key=lambda s: SEVERITY[s], default=Status.UNKNOWN)

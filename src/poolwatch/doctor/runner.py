@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import replace
 
 from prometheus_client.metrics_core import Metric
 
@@ -16,7 +17,7 @@ from poolwatch.config import Config
 from poolwatch.doctor.adapt import pgbouncer_facts, postgres_facts, probe_facts
 from poolwatch.doctor.checks import evaluate
 from poolwatch.doctor.facts import Facts, PgBouncerFacts, PostgresFacts
-from poolwatch.doctor.model import Finding
+from poolwatch.doctor.model import SEVERITY, Finding
 from poolwatch.metrics import SourceResult, gauge
 from poolwatch.probes import ProbeState
 
@@ -56,14 +57,16 @@ class DoctorRunner:
         now = time.time()
         observed: list[PgBouncerFacts | PostgresFacts] = [*facts.pgbouncers, *facts.postgres]
         for current in observed:
-            past = self._history.setdefault(current.target, deque(maxlen=HISTORY_SAMPLES))
+            past = self._history.setdefault(_key(current), deque(maxlen=HISTORY_SAMPLES))
             while past and now - past[0].collected_at > window:
                 past.popleft()
-            facts.history[current.target] = past  # read before the current sample joins it
+            # read before the current sample joins it; a PgBouncer and a PostgreSQL target may share
+            # a name, the checks pick their own kind (Facts.past_postgres / past_pgbouncer)
+            facts.history.setdefault(current.target, deque()).extend(past)
         self.findings = evaluate(facts, self.config.doctor.thresholds)
         for current in observed:
             if current.up:
-                self._history[current.target].append(current)
+                self._history[_key(current)].append(_for_history(current))
         self.evaluated_at = now
         return self.findings
 
@@ -78,7 +81,28 @@ class DoctorRunner:
             "The observed value behind the pool doctor's verdict (see /checklist for its meaning)",
             ("target", "check"),
         )
+        # a PgBouncer and a PostgreSQL target of the same name would give two series with one label
+        # set: the worse verdict is exported (the JSON tells them apart by `kind`)
+        chosen: dict[tuple[str, str], Finding] = {}
         for finding in self.findings:
-            status.add((finding.target, finding.check), int(finding.status))
-            value.add((finding.target, finding.check), finding.value)
+            key = (finding.target, finding.check)
+            if key not in chosen or SEVERITY[finding.status] > SEVERITY[chosen[key].status]:
+                chosen[key] = finding
+        for key, finding in chosen.items():
+            status.add(key, int(finding.status))
+            value.add(key, finding.value)
         return [b.build() for b in (status, value) if len(b)]
+
+
+def _key(facts: PgBouncerFacts | PostgresFacts) -> str:
+    return ("pgbouncer/" if isinstance(facts, PgBouncerFacts) else "postgres/") + facts.target
+
+
+def _for_history(current: PgBouncerFacts | PostgresFacts) -> PgBouncerFacts | PostgresFacts:
+    """What rates and trends read from past samples, without the per-pool and per-backend rows.
+
+    At 10,000 pools a full sample is megabytes; 64 of them were most of poolwatch's memory.
+    """
+    if isinstance(current, PgBouncerFacts):
+        return replace(current, pools=[], databases=[], server_endpoints=set())
+    return replace(current, backends=[])
