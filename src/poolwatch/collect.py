@@ -12,22 +12,19 @@ import asyncio
 import contextlib
 import platform
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from prometheus_client.core import CollectorRegistry
-from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
-from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from poolwatch import __version__
 from poolwatch.config import Config, PgBouncerTarget, PostgresTarget
 from poolwatch.doctor.runner import DoctorRunner
 from poolwatch.logs import get_logger
-from poolwatch.metrics import ERROR_REASONS, SourceResult, counter, gauge
+from poolwatch.metrics import ERROR_REASONS, SourceResult, counter, exposition, family_size, gauge
 from poolwatch.probes import ProbeState, pgbouncer_check, probe_families, run_check
-from poolwatch.sources.pgbouncer import PgBouncerObservation, PgBouncerSource
+from poolwatch.sources.pgbouncer import PgBouncerObservation, PgBouncerSource, PoolFilter
 from poolwatch.sources.postgres import PostgresSource
 
 log = get_logger("poolwatch.collect")
@@ -56,33 +53,63 @@ class TargetRuntime:
     collections: int = 0
 
 
+#: Above this many series a snapshot is rendered in a worker thread, so the event loop (other
+#: scrapes, /healthz, the listener watcher) keeps getting turns; below it the hop costs more.
+RENDER_IN_THREAD_SERIES = 20_000
+
+
 @dataclass
 class Snapshot:
-    """One complete collection: families from every target plus poolwatch's own metrics."""
+    """One complete collection: families from every target plus poolwatch's own metrics.
+
+    The scrape body is rendered once per snapshot and format (``metrics.exposition``: a few C-level
+    joins per family) and served as the same bytes to every scrape until the next collection.
+    """
 
     families: list[Metric]
     results: dict[str, SourceResult]
     taken_at: float
     monotonic: float
     _rendered: dict[str, bytes] = field(default_factory=dict)
+    _rendering: dict[str, asyncio.Future[bytes]] = field(default_factory=dict)
 
     def render(self, openmetrics: bool = False) -> bytes:
+        """The scrape body, rendered once per format and snapshot (see ``metrics.exposition``)."""
         key = "om" if openmetrics else "text"
         cached = self._rendered.get(key)
         if cached is None:
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(_FamiliesCollector(self.families))
-            cached = generate_openmetrics(registry) if openmetrics else generate_latest(registry)  # type: ignore[no-untyped-call]
+            cached = exposition(self.families, openmetrics=openmetrics).join()
             self._rendered[key] = cached
         return cached
 
+    async def render_async(self, openmetrics: bool = False) -> bytes:
+        """``render``, in a worker thread when the snapshot is large; concurrent callers share one
+        rendering."""
+        key = "om" if openmetrics else "text"
+        cached = self._rendered.get(key)
+        if cached is not None:
+            return cached
+        pending = self._rendering.get(key)
+        if pending is None:
+            if self.series() > RENDER_IN_THREAD_SERIES:
+                pending = asyncio.ensure_future(asyncio.to_thread(self.render, openmetrics))
+            else:
+                pending = asyncio.get_running_loop().create_future()
+                try:
+                    pending.set_result(self.render(openmetrics))
+                except Exception as exc:
+                    pending.set_exception(exc)
+            self._rendering[key] = pending
+            pending.add_done_callback(lambda _: self._rendering.pop(key, None))
+        # shield: a scraper that goes away must not cancel a rendering others wait for
+        return await asyncio.shield(pending)
 
-class _FamiliesCollector:
-    def __init__(self, families: Sequence[Metric]) -> None:
-        self._families = families
+    def series(self) -> int:
+        return sum(family_size(f) for f in self.families)
 
-    def collect(self) -> Iterable[Metric]:
-        return self._families
+    def release_rendering(self) -> None:
+        """Drop the rendered bodies (a new collection is coming); ``render`` makes them again."""
+        self._rendered.clear()
 
 
 class Engine:
@@ -94,6 +121,9 @@ class Engine:
         self.probes: dict[tuple[str, str, str], ProbeState] = {}
         self._after_collect = list(after_collect)
         self._snapshot: Snapshot | None = None
+        #: the format the last scrape asked for: each new snapshot is rendered in it before it is
+        #: published, so the scrapes waiting for it (and the next ones) are served at once
+        self.prefer_openmetrics = False
         self._inflight: asyncio.Task[Snapshot] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._started = time.time()
@@ -139,6 +169,10 @@ class Engine:
 
     async def _collect_once(self) -> Snapshot:
         self.collections_started += 1
+        if self._snapshot is not None:
+            # its body is only needed again if this collection times out (stale fallback): no
+            # reason to hold two large bodies at once
+            self._snapshot.release_rendering()
         timeout = self.config.collection.timeout
         results = await asyncio.gather(*(self._collect_target(t, timeout) for t in self.targets))
         snap = Snapshot(
@@ -157,6 +191,10 @@ class Engine:
             except Exception:  # the doctor must never cost the metrics
                 log.exception("pool doctor failed")
         snap.families.extend(self._self_families())
+        try:
+            await snap.render_async(self.prefer_openmetrics)
+        except Exception:  # rendered again (and the error seen) by the scrape
+            log.exception("rendering the snapshot failed")
         self._snapshot = snap
         for hook in self._after_collect:
             try:
@@ -391,6 +429,13 @@ def _pgbouncer_source(target: PgBouncerTarget) -> PgBouncerSource:
         target.password(),
         connect_timeout=target.connect_timeout,
         hold_connection=target.hold_connection,
+        pool_filter=PoolFilter.build(
+            include_databases=target.databases.include,
+            exclude_databases=target.databases.exclude,
+            include_users=target.users.include,
+            exclude_users=target.users.exclude,
+            max_pools=target.max_pools,
+        ),
     )
 
 

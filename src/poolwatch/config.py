@@ -19,6 +19,7 @@ from urllib.parse import quote
 import yaml
 from psycopg import conninfo as libpq_conninfo
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -74,6 +75,15 @@ class Credentials(_Model):
             raise ValueError(f"password file {str(path)!r} does not exist or is not a file")
         if path is not None and not os.access(path, os.R_OK):
             raise ValueError(f"password file {str(path)!r} is not readable")
+        if path is not None:
+            try:
+                path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"password file {str(path)!r} is not UTF-8 text (byte {exc.start})"
+                ) from None
+            except OSError as exc:
+                raise ValueError(f"password file {str(path)!r} cannot be read: {exc.strerror}") from None
         return path
 
     def resolve_password(self) -> str | None:
@@ -105,6 +115,14 @@ class Endpoint(Credentials):
     )
     sslrootcert: Path | None = Field(default=None, description="CA file for verify-ca / verify-full")
     connect_timeout: Seconds = Field(default=5.0, description="time allowed to connect")
+
+    @field_validator("sslrootcert")
+    @classmethod
+    def _ca_file_exists(cls, path: Path | None) -> Path | None:
+        # "system" (libpq 16+): the operating system's trusted CAs
+        if path is not None and str(path) != "system" and not path.is_file():
+            raise ValueError(f"CA file {str(path)!r} does not exist or is not a file")
+        return path
 
     @field_validator("dsn")
     @classmethod
@@ -155,6 +173,31 @@ class PgBouncerProbe(Credentials):
     user: str | None = Field(default=None, description="user for the probe; default: the console user")
 
 
+def _check_pattern(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return pattern
+
+
+#: A regular expression matched against a whole name (anchored, as in Prometheus relabelling).
+NamePattern = Annotated[str, AfterValidator(_check_pattern)]
+
+
+class NamePatterns(_Model):
+    """Which names pass the cardinality guard: an include list and an exclude list of patterns."""
+
+    include: list[NamePattern] = Field(
+        default_factory=list,
+        description="regular expressions matched against the whole name; if any are given, a name must "
+        "match one of them",
+    )
+    exclude: list[NamePattern] = Field(
+        default_factory=list, description="regular expressions; a name that matches one is left out"
+    )
+
+
 class PgBouncerTarget(Endpoint):
     name: str = Field(min_length=1, description="label value `target` for this PgBouncer")
     postgres: str | None = Field(
@@ -169,6 +212,20 @@ class PgBouncerTarget(Endpoint):
     )
     probe: PgBouncerProbe = Field(
         default_factory=PgBouncerProbe, description="SELECT 1 through this PgBouncer"
+    )
+    databases: NamePatterns = Field(
+        default_factory=NamePatterns,
+        description="cardinality guard: the databases whose pools, stats and clients are exported "
+        "(the pool doctor still sees all)",
+    )
+    users: NamePatterns = Field(
+        default_factory=NamePatterns, description="cardinality guard: the users whose pools are exported"
+    )
+    max_pools: int = Field(
+        default=10000,
+        ge=0,
+        description="cardinality guard: at most this many pools exported, the first by (database, user); "
+        "0 = no cap. poolwatch_pools_dropped{reason} counts the pools left out",
     )
 
 
@@ -240,6 +297,11 @@ class DoctorThresholds(_Model):
     idle_in_transaction_fail: Seconds = Field(default=300.0, description="longest idle in transaction")
     expect_extra_float_digits: bool = Field(
         default=False, description="clients send extra_float_digits (lib/pq, JDBC): PgBouncer must ignore it"
+    )
+    expect_prepared_statements: bool | None = Field(
+        default=None,
+        description="clients use protocol-level prepared statements (asyncpg, psycopg prepare, JDBC): "
+        "true fails transaction pooling without max_prepared_statements; null = not known (warn)",
     )
     history_window: Seconds = Field(default=600.0, description="how far back rates and trends look")
 
@@ -385,6 +447,8 @@ def load_config(path: Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"{path}: config file does not exist"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
     try:

@@ -33,8 +33,15 @@ def wants_openmetrics(accept: str) -> bool:
     return False
 
 
-async def metrics(request: web.Request) -> web.Response:
+#: Bodies above this are written in slices of this size: asyncio (3.11) copies whatever a single
+#: write cannot send at once into its buffer, and a 30 MB body would be copied whole.
+BODY_SLICE = 1 << 20
+
+
+async def metrics(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]()
+    openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
+    engine.prefer_openmetrics = openmetrics
     deadline = engine.config.collection.timeout + 2.0
     try:
         async with asyncio.timeout(deadline):
@@ -45,9 +52,18 @@ async def metrics(request: web.Request) -> web.Response:
         if stale is None:
             return web.Response(status=503, text="collection did not finish in time\n")
         snapshot = stale
-    openmetrics = wants_openmetrics(request.headers.get("Accept", ""))
-    body = snapshot.render(openmetrics=openmetrics)
-    return web.Response(body=body, headers={"Content-Type": OPENMETRICS_TYPE if openmetrics else TEXT_TYPE})
+    body = await snapshot.render_async(openmetrics=openmetrics)
+    headers = {"Content-Type": OPENMETRICS_TYPE if openmetrics else TEXT_TYPE}
+    if len(body) <= BODY_SLICE:
+        return web.Response(body=body, headers=headers)
+    response = web.StreamResponse(headers=headers)
+    response.content_length = len(body)
+    await response.prepare(request)
+    view = memoryview(body)
+    for start in range(0, len(body), BODY_SLICE):
+        await response.write(view[start : start + BODY_SLICE])
+    await response.write_eof()
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,0 +1,170 @@
+"""The benchmark's promises, as shape (never timing): what bench/run.py measures must stay true.
+
+* Round trips to PgBouncer per collection do not grow with the number of pools (10 vs 150).
+* The exposition poolwatch serves for many pools parses with prometheus-client's text and
+  OpenMetrics parsers and passes ``promtool check metrics``, with no duplicate series.
+* Concurrent scrapes share one collection; a scrape within ``max_age`` is served the same bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+
+import pytest
+from bench import wire
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from poolwatch.collect import Snapshot
+from poolwatch.localcluster import PgBouncerServer
+from poolwatch.metrics import exposition
+from poolwatch.sources.pgbouncer import COLLECTORS, PgBouncerSource
+from tests.daemon import make_config, pgbouncer_target, running_daemon
+
+MakePgBouncer = Callable[..., PgBouncerServer]
+
+pytestmark = pytest.mark.slow
+
+
+async def _with_pools(pgb: PgBouncerServer, names: list[str]) -> None:
+    """Log one client in to each database (that creates its pool), then out again: PgBouncer keeps
+    the pool. Paced, so the server connections PgBouncer opens to learn each pool's parameters
+    (closed again after server_idle_timeout) never crowd the shared PostgreSQL."""
+    for first in range(0, len(names), 40):
+        conns = [
+            await wire.connect("app", name, host=pgb.host, port=pgb.port)
+            for name in names[first : first + 40]
+        ]
+        for conn in conns:
+            conn.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            lists = {r["list"]: r["items"] for r in await asyncio.to_thread(pgb.show, "LISTS")}
+            if int(lists.get("used_servers", 0)) < 10:
+                break
+            await asyncio.sleep(0.3)
+
+
+def _pgbouncer_with(make_pgbouncer: MakePgBouncer, n: int) -> PgBouncerServer:
+    databases = {f"p{i:04d}": {"dbname": "app", "pool_size": 1} for i in range(n)}
+    return make_pgbouncer(
+        databases=databases,
+        auth_type="trust",  # bare startup packets (bench.wire); the server side still uses SCRAM
+        server_idle_timeout=1,
+        max_client_conn=n + 100,
+    )
+
+
+async def _collect(pgb: PgBouncerServer) -> tuple[int, bytes, int]:
+    """(SHOW round trips of one collection, the rendered text exposition, pools seen)."""
+    source = PgBouncerSource(
+        "pgb", pgb.stats_dsn, pgb.stats_password, connect_timeout=5, hold_connection="always"
+    )
+    try:
+        await source.collect(10)  # the first one logs in
+        before = source.queries_sent
+        result = await source.collect(10)
+        sent = source.queries_sent - before
+    finally:
+        await source.close()
+    assert result.up and all(o.ok for o in result.outcomes), result.outcomes
+    body = Snapshot(result.families, {}, time.time(), time.monotonic()).render()
+    assert result.observation is not None
+    return sent, body, len(result.observation.pools)  # type: ignore[attr-defined]
+
+
+def _check_exposition(body: bytes) -> int:
+    text = body.decode()
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in seen, f"duplicate series {key}"
+            seen.add(key)
+    return len(seen)
+
+
+async def test_round_trips_do_not_grow_with_pools(make_pgbouncer: MakePgBouncer) -> None:
+    small = _pgbouncer_with(make_pgbouncer, 10)
+    await _with_pools(small, [f"p{i:04d}" for i in range(10)])
+    large = _pgbouncer_with(make_pgbouncer, 150)
+    await _with_pools(large, [f"p{i:04d}" for i in range(150)])
+    small_sent, small_body, small_pools = await _collect(small)
+    large_sent, large_body, large_pools = await _collect(large)
+    assert small_pools >= 10 and large_pools >= 150
+    assert small_sent == large_sent == len(COLLECTORS)
+    assert _check_exposition(large_body) > _check_exposition(small_body) + 140 * 12  # 12 series per pool
+
+
+async def test_many_pools_exposition_passes_promtool(make_pgbouncer: MakePgBouncer) -> None:
+    pgb = _pgbouncer_with(make_pgbouncer, 60)
+    await _with_pools(pgb, [f"p{i:04d}" for i in range(60)])
+    source = PgBouncerSource(
+        "pgb", pgb.stats_dsn, pgb.stats_password, connect_timeout=5, hold_connection="never"
+    )
+    try:
+        result = await source.collect(10)
+    finally:
+        await source.close()
+    assert result.up
+    text = exposition(result.families).join()
+    assert _check_exposition(text) > 60 * 12
+    om = exposition(result.families, openmetrics=True).join().decode()
+    assert om.endswith("# EOF\n")
+    assert {f.name for f in parse_openmetrics(om)} >= {
+        "pgbouncer_pools_client_active_connections",
+        "pgbouncer_up",
+    }  # type: ignore[no-untyped-call]
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [promtool, "check", "metrics"],
+        input=text,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    # promtool exits 3 for lint warnings only (e.g. a counter without _total); 1 is a parse error
+    assert done.returncode in (0, 3), done.stdout.decode() + done.stderr.decode()
+    assert b"error" not in done.stderr.lower(), done.stderr.decode()
+
+
+def _collections(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
+    return sum(
+        value
+        for (name, labels), value in samples.items()
+        if name == "poolwatch_collections_total" and ("kind", "pgbouncer") in labels
+    )
+
+
+async def test_concurrent_scrapes_share_one_collection(make_pgbouncer: MakePgBouncer) -> None:
+    pgb = make_pgbouncer()
+    config = make_config(
+        pgbouncers=[pgbouncer_target(pgb, probe={"databases": []}, hold_connection="always")],
+        collection={"interval": 3600, "max_age": 0},
+    )
+    async with running_daemon(config) as daemon:
+        before = _collections(await daemon.metrics())
+        bodies = await asyncio.gather(*(daemon.get("/metrics") for _ in range(8)))
+        assert all(status == 200 for status, _ in bodies)
+        after = _collections(await daemon.metrics())
+        # the read above is one collection, 8 concurrent scrapes share (nearly always) one more
+        assert after - before <= 4, (before, after)
+
+
+async def test_fresh_collection_is_served_as_the_same_bytes(make_pgbouncer: MakePgBouncer) -> None:
+    pgb = make_pgbouncer()
+    config = make_config(
+        pgbouncers=[pgbouncer_target(pgb, probe={"databases": []})],
+        collection={"interval": 3600, "max_age": 3600},
+    )
+    async with running_daemon(config) as daemon:
+        first = await daemon.get("/metrics")
+        again = await asyncio.gather(*(daemon.get("/metrics") for _ in range(4)))
+    assert first[0] == 200 and all(body == first[1] for _, body in again)
