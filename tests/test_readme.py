@@ -58,7 +58,9 @@ def test_least_privilege_grants_are_what_the_fixtures_use(pg: PostgresServer, pg
     assert pgb.stats_user not in settings["admin_users"].split(",")
 
 
-async def test_metrics_reference_matches_a_real_scrape(pg: PostgresServer, make_pgbouncer: MakePgBouncer) -> None:
+async def test_metrics_reference_matches_a_real_scrape(
+    pg: PostgresServer, make_pgbouncer: MakePgBouncer
+) -> None:
     """Every family a real collection exposes is documented, and nothing documented is invented.
 
     Regenerate with ``POOLWATCH_WRITE_README=1 scripts/test tests/test_readme.py``.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import sys
@@ -150,8 +151,10 @@ def _doctor(args: argparse.Namespace) -> int:
     from poolwatch.doctor import report
     from poolwatch.doctor.model import Status
 
-    if args.sample_seconds < 0:
-        raise ConfigError([f"--sample-seconds: must be 0 or more (got {args.sample_seconds:g})"])
+    if not math.isfinite(args.sample_seconds) or args.sample_seconds < 0:  # nan/inf: never or at once
+        raise ConfigError(
+            [f"--sample-seconds: must be a number of seconds, 0 or more (got {args.sample_seconds:g})"]
+        )
     config = resolve_config(args)
     config = config.model_copy(update={"doctor": config.doctor.model_copy(update={"enabled": True})})
     # the report is the output; log lines would only interleave with it

@@ -55,6 +55,18 @@ _KNOWN: tuple[tuple[str, ErrorReason, str], ...] = (
     ("database system is shutting down", "connect", "PostgreSQL is shutting down"),
     ("database system is starting up", "connect", "PostgreSQL is starting up"),
     ("pgbouncer cannot connect to server", "connect", "PgBouncer cannot reach PostgreSQL"),
+    (
+        "server login has been failing",
+        "connect",
+        "PgBouncer cannot log in to PostgreSQL (down, or refusing PgBouncer's login); PgBouncer "
+        "retries after server_login_retry",
+    ),
+    (
+        "does not match host name",
+        "connect",
+        "TLS: the server certificate is not for this host name (sslmode=verify-full): connect by a "
+        "name or address the certificate lists, or use verify-ca",
+    ),
     ("ssl", "connect", "TLS negotiation failed: check sslmode and sslrootcert"),
 )
 

@@ -10,9 +10,12 @@ the source's own small pool so poolwatch never holds more connections than confi
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 from prometheus_client.metrics_core import Metric
@@ -81,6 +84,8 @@ def pgbouncer_check(params: Mapping[str, str], database: str, password: str | No
     conninfo = psycopg.conninfo.make_conninfo("", **{**params, "dbname": database})
 
     async def check(timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         conn = await psycopg.AsyncConnection.connect(
             conninfo,
             password=password,
@@ -89,12 +94,40 @@ def pgbouncer_check(params: Mapping[str, str], database: str, password: str | No
             application_name="poolwatch-probe",
             connect_timeout=max(1, round(timeout)),
         )
+        # Cancelled mid-query (a paused or saturated pool, PostgreSQL down behind PgBouncer),
+        # psycopg sends a CancelRequest and waits up to 10 s for it: the probe would outlive its
+        # timeout many times over. Shutting the socket down just before the deadline ends the
+        # pending read at once instead, and the check reports a timeout.
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            _shutdown_socket(conn)
+
+        handle = loop.call_at(deadline - min(0.1, timeout / 10), expire)
         try:
             await conn.execute("SELECT 1", prepare=False)
+        except psycopg.Error:
+            if expired:
+                raise TimeoutError from None
+            raise
         finally:
+            handle.cancel()
             await conn.close()
 
     return check
+
+
+def _shutdown_socket(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Make a pending read on ``conn`` fail now; the descriptor stays psycopg's to close."""
+    if conn.closed:
+        return
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        pass
 
 
 def probe_families(states: list[ProbeState]) -> list[Metric]:

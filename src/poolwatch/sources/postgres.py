@@ -53,6 +53,8 @@ import asyncio
 import contextlib
 import math
 import re
+import socket
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -654,7 +656,10 @@ def _fold_applications(groups: Sequence[ActivityGroup], limit: int) -> list[Acti
         per_app[g.application_name or ""] += g.connections
     if len(per_app) <= limit:
         return list(groups)
-    keep = {app for app, _ in sorted(per_app.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]}
+    # A client may call itself OTHER_APPLICATION: it is folded too, or its series and the folded
+    # ones would share one label set and the folded connections would be dropped as a duplicate.
+    ranked = [app for app, _ in sorted(per_app.items(), key=lambda kv: (-kv[1], kv[0]))]
+    keep = set([app for app in ranked if app != OTHER_APPLICATION][:limit])
     merged: dict[tuple[str | None, str | None, str | None], list[ActivityGroup]] = defaultdict(list)
     out: list[ActivityGroup] = []
     for g in groups:
@@ -935,13 +940,23 @@ def asyncpg_dsn(dsn: str) -> str:
 
 
 def _dsn_secrets(dsn: str, password: str | None) -> list[str]:
-    secrets = [s for s in (password, dsn) if s]
-    with contextlib.suppress(ValueError):
-        parts = urlsplit(dsn)
-        if parts.password:
-            secrets += [parts.password, unquote(parts.password)]
-        for key in ("password", "sslpassword"):
-            secrets += parse_qs(parts.query).get(key, [])
+    # Not the DSN itself when it parses: that would also blank out describe_dsn() (the DSN minus
+    # its password), so every error said "cannot connect to ***" instead of naming the server.
+    secrets = [s for s in (password,) if s]
+    if _URL_SCHEME_RE.match(dsn.strip()):
+        with contextlib.suppress(ValueError):
+            parts = urlsplit(dsn)
+            if parts.password:
+                secrets += [parts.password, unquote(parts.password)]
+            for key in ("password", "sslpassword"):
+                secrets += parse_qs(parts.query).get(key, [])
+    elif dsn:
+        try:
+            params = psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.Error:
+            secrets.append(dsn)  # unparseable: a password may hide in it where we cannot see it
+        else:
+            secrets += [str(params[k]) for k in ("password", "sslpassword") if params.get(k)]
     # Longest first, so a secret containing another is removed whole.
     return sorted({s for s in secrets if s}, key=len, reverse=True)
 
@@ -988,6 +1003,13 @@ def classify_connect_error(exc: BaseException, where: str, connect_timeout: floa
         return "connect", f"{where} is not accepting connections right now: {message}"
     if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
         return "config", f"invalid connection settings for {where}: {message}"
+    if isinstance(exc, ssl.SSLError):
+        return "connect", (
+            f"TLS to {where} failed: {message}. Check sslmode and sslrootcert (the CA that signed "
+            "the server certificate)"
+        )
+    if isinstance(exc, socket.gaierror):
+        return "connect", f"cannot connect to {where}: the host name does not resolve ({message})"
     if isinstance(exc, OSError):
         return "connect", f"cannot connect to {where}: {message}. Is PostgreSQL running and listening there?"
     return "connect", f"cannot connect to {where}: {type(exc).__name__}: {message}"
@@ -1019,6 +1041,24 @@ def privilege_detail(role: str | None) -> str:
         f"role {quoted} cannot see other roles' sessions in pg_stat_activity (state, ages, client "
         f"addresses are hidden); run: GRANT pg_monitor TO {quoted};"
     )
+
+
+#: What the first statement on a pooled connection raises when its server session has already
+#: ended (the FATAL message half-read, or the socket already closed).
+_STALE_SESSION_ERRORS: Final = (
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+)
+
+
+def _terminate(conn: Any) -> None:
+    """Drop a pooled connection, never raising: when asyncpg has already seen the connection die it
+    has returned it to the pool itself, and terminate() on the proxy would raise an InterfaceError
+    that masks the error being handled."""
+    with contextlib.suppress(Exception):
+        conn.terminate()
 
 
 def _server_version_num(conn: Any) -> int | None:
@@ -1124,14 +1164,21 @@ class PostgresSource:
             raise RuntimeError(f"{self!r} is closed")
         async with asyncio.timeout(timeout):
             pool = await self._get_pool()
-            conn = await pool.acquire()
-            try:
-                await conn.fetchval("SELECT 1")
-            except BaseException:
-                conn.terminate()  # possibly mid-query: do not hand it back for reuse
-                raise
-            finally:
-                await pool.release(conn)
+            attempts = self._pool_max_size + 1  # a stale idle session is poolwatch's, not the server's
+            for attempt in range(1, attempts + 1):
+                conn = await pool.acquire()
+                try:
+                    await conn.fetchval("SELECT 1")
+                    return
+                except _STALE_SESSION_ERRORS:
+                    _terminate(conn)
+                    if attempt == attempts:
+                        raise
+                except BaseException:
+                    _terminate(conn)  # possibly mid-query: do not hand it back for reuse
+                    raise
+                finally:
+                    await pool.release(conn)
 
     async def close(self) -> None:
         self._closed = True
@@ -1205,20 +1252,39 @@ class PostgresSource:
                 raise _Aborted("config", f"target {self.target}: {self._dsn_error}")
             async with asyncio.timeout(timeout):
                 pool = await self._get_pool()
+                attempts = self._pool_max_size + 1  # every idle pooled session may be stale
+                for attempt in range(1, attempts + 1):
+                    try:
+                        conn = await pool.acquire()
+                    except Exception as exc:
+                        raise _Aborted(
+                            *classify_connect_error(exc, self._where, self._connect_timeout)
+                        ) from exc
+                    connected = True
+                    try:
+                        # Server-side bound for every query of this collection. Session-level (not
+                        # in the startup packet) so pg_settings.reset_val still shows the real
+                        # default; asyncpg's RESET ALL on release drops it again.
+                        statement_timeout_ms = max(1, math.ceil(timeout * 1000))
+                        await conn.execute(
+                            "SELECT pg_catalog.set_config('statement_timeout', $1, false)",
+                            f"{statement_timeout_ms}ms",
+                        )
+                        break
+                    except _STALE_SESSION_ERRORS as exc:
+                        # A pooled session that ended while idle (terminated by an administrator,
+                        # PostgreSQL restarted) and whose end the pool had not fully processed yet:
+                        # not a down server. Discard it and try the next one.
+                        _terminate(conn)
+                        await pool.release(conn)
+                        if attempt == attempts:
+                            detail = f"connection to {self._where} lost: {_one_line(exc)}"
+                            raise _Aborted("connect", detail) from exc
+                    except BaseException:
+                        _terminate(conn)
+                        await pool.release(conn)
+                        raise
                 try:
-                    conn = await pool.acquire()
-                except Exception as exc:
-                    raise _Aborted(*classify_connect_error(exc, self._where, self._connect_timeout)) from exc
-                connected = True
-                try:
-                    # Server-side bound for every query of this collection. Session-level (not in
-                    # the startup packet) so pg_settings.reset_val still shows the real default;
-                    # asyncpg's RESET ALL on release drops it again.
-                    statement_timeout_ms = max(1, math.ceil(timeout * 1000))
-                    await conn.execute(
-                        "SELECT pg_catalog.set_config('statement_timeout', $1, false)",
-                        f"{statement_timeout_ms}ms",
-                    )
                     version = _server_version_num(conn)
                     for collector, sql in self._plan(version or 0):
                         t0 = time.monotonic()
@@ -1245,7 +1311,7 @@ class PostgresSource:
                 except BaseException:
                     # Timeout, cancellation or a dead socket: the connection may be mid-query. Drop
                     # it instead of resetting it (statement_timeout ends the query server-side).
-                    conn.terminate()
+                    _terminate(conn)
                     raise
                 finally:
                     await pool.release(conn)
