@@ -35,6 +35,8 @@ from poolwatch.collect import Engine
 from poolwatch.config import config_from_mapping
 from poolwatch.doctor.model import Finding, Status
 from poolwatch.localcluster import PgBouncerServer, PostgresServer
+from tests.daemon import pgbouncer_target as pgb_target
+from tests.daemon import postgres_target as pg_target
 from tests.daemon import secret_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,29 +66,6 @@ def doctor_pgb(
 
 
 # -- building configs and running the doctor ------------------------------------------------------
-def pgb_target(pgb: PgBouncerServer, name: str = "pgb", **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "host": pgb.host,
-        "port": pgb.port,
-        "user": pgb.stats_user,
-        "password_env": secret_env(pgb.stats_password),
-        **extra,
-    }
-
-
-def pg_target(pg: PostgresServer, name: str = "db", **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "host": pg.host,
-        "port": pg.port,
-        "user": pg.monitor_user,
-        "dbname": "postgres",
-        "password_env": secret_env(pg.monitor_password),
-        **extra,
-    }
-
-
 def config_data(
     pgbouncers: list[dict[str, Any]] | None = None,
     postgres: list[dict[str, Any]] | None = None,

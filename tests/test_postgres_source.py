@@ -29,6 +29,7 @@ from poolwatch.sources.postgres import (
     ACTIVITY,
     COLLECTORS,
     OTHER_APPLICATION,
+    PG_STAT_ACTIVITY_SQL,
     ActivityGroup,
     ClientCount,
     PostgresObservation,
@@ -42,6 +43,7 @@ from poolwatch.sources.postgres import (
     observation_families,
     parse_duration_seconds,
     scrub,
+    split_pg_stat_activity,
     up_family,
 )
 
@@ -682,6 +684,67 @@ def _group(result_obs: object, **match: str) -> ActivityGroup:
     found = [g for g in result_obs.activity if all(getattr(g, k) == v for k, v in match.items())]
     assert len(found) == 1, (match, result_obs.activity)
     return found[0]
+
+
+# The three queries the one pg_stat_activity scan replaced, as they were: the reference it must match.
+_SEPARATE_ACTIVITY_SQL = {
+    ACTIVITY: """SELECT datname, usename, application_name, state, count(*)::int8 AS connections
+        FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend'
+        GROUP BY datname, usename, application_name, state""",
+    "wait_events": """SELECT datname, wait_event_type, count(*)::int8 AS connections
+        FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend'
+        GROUP BY datname, wait_event_type""",
+    "clients": """SELECT pg_catalog.host(client_addr) AS client_addr, application_name,
+            count(*)::int8 AS connections,
+            array_agg(client_port) FILTER (WHERE client_port > 0) AS client_ports
+        FROM pg_catalog.pg_stat_activity WHERE backend_type = 'client backend'
+        GROUP BY client_addr, application_name""",
+}
+
+
+async def test_one_activity_scan_equals_the_three_separate_queries(
+    pg_server: Any, admin: asyncpg.Connection
+) -> None:
+    """GROUPING SETS over one scan give the same groups and counts as three GROUP BY queries."""
+    async with (
+        _sessions(pg_server, 3, application_name="app-a") as a,
+        _sessions(pg_server, 2, application_name="") as _,
+        _sessions(pg_server, 2, application_name="app-b") as b,
+    ):
+        await a[0].execute("BEGIN; SELECT 1")  # idle in transaction
+        with contextlib.suppress(asyncpg.PostgresError):
+            await b[0].execute("BEGIN; SELECT 1/0")  # idle in transaction (aborted)
+        # over TCP: a client address and ports
+        tcp = await asyncpg.connect(
+            asyncpg_dsn(pg_server.monitor_dsn()),
+            password=pg_server.monitor_password,
+            server_settings={"application_name": "app-a"},
+        )
+        try:
+            # one transaction: pg_stat_activity is read once per transaction, so all four agree
+            async with admin.transaction(isolation="repeatable_read"):
+                combined = split_pg_stat_activity(await admin.fetch(PG_STAT_ACTIVITY_SQL))
+                separate = {name: await admin.fetch(sql) for name, sql in _SEPARATE_ACTIVITY_SQL.items()}
+        finally:
+            await tcp.close()
+    for name, rows in separate.items():
+        keys = [k for k, _ in rows[0].items() if k != "client_ports"]  # a Record iterates values
+        ports = name == "clients"
+
+        def shape(
+            records: Sequence[Any], keys: list[str] = keys, ports: bool = ports
+        ) -> list[tuple[Any, ...]]:
+            return sorted(
+                (
+                    (*(r[k] for k in keys), tuple(sorted(r["client_ports"] or ())) if ports else ())
+                    for r in records
+                ),
+                key=repr,
+            )
+
+        assert shape(combined[name]) == shape(rows), name
+        assert all(r["can_read_all_stats"] and r["role_name"] for r in combined[name])
+    assert sum(r["connections"] for r in combined[ACTIVITY]) >= 8
 
 
 async def test_live_collection_answers_every_collector(

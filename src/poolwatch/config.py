@@ -401,9 +401,11 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else text
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
+def field_path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
+        if part == "[key]":  # pydantic's marker for "the key itself was wrong": the key is already named
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:
@@ -411,7 +413,7 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _shown(value: object) -> str:
+def shown_value(value: object) -> str:
     if isinstance(value, dict | list):
         return type(value).__name__
     text = repr(value)
@@ -424,13 +426,13 @@ def format_validation_error(source: str, error: ValidationError) -> list[str]:
         loc = tuple(item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            lines.append(f"{source}: {_field_path(loc)}: unknown key")
+            lines.append(f"{source}: {field_path(loc)}: unknown key")
             continue
         if item["type"] == "missing":
-            lines.append(f"{source}: {_field_path(loc)}: required field is missing")
+            lines.append(f"{source}: {field_path(loc)}: required field is missing")
             continue
         value = item.get("input")
-        lines.append(f"{source}: {_field_path(loc)}: {message} (got {_shown(value)})")
+        lines.append(f"{source}: {field_path(loc)}: {message} (got {shown_value(value)})")
     return lines
 
 

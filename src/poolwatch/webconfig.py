@@ -71,6 +71,7 @@ from pydantic import (
     model_validator,
 )
 
+from poolwatch.config import field_path, shown_value
 from poolwatch.logs import get_logger
 
 __all__ = [
@@ -411,36 +412,17 @@ class WebConfig(_Model):
 # --- loading and error lines ---------------------------------------------------------------------------
 
 
-def _field_path(loc: Sequence[int | str]) -> str:
-    out = ""
-    for part in loc:
-        if part == "[key]":  # pydantic's marker for "the key itself was wrong": the key is already named
-            continue
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + part
-    return out or "(top level)"
-
-
 def _is_secret(loc: Sequence[int | str]) -> bool:
     if tuple(loc[:2]) == ("tls_server_config", "key"):
         return True
     return bool(loc) and loc[0] == "basic_auth_users" and loc[-1] != "[key]" and len(loc) > 1
 
 
-def _shown(value: object) -> str:
-    if isinstance(value, dict | list):
-        return type(value).__name__
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _format_validation_error(source: str, error: ValidationError) -> list[str]:
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
-        where = f"{source}: {_field_path(loc)}"
+        where = f"{source}: {field_path(loc)}"
         if item["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown key")
         elif item["type"] == "value_error":
@@ -449,7 +431,7 @@ def _format_validation_error(source: str, error: ValidationError) -> list[str]:
         elif _is_secret(loc):
             lines.append(f"{where}: {item['msg']} (value not shown)")
         else:
-            lines.append(f"{where}: {item['msg']} (got {_shown(item.get('input'))})")
+            lines.append(f"{where}: {item['msg']} (got {shown_value(item.get('input'))})")
     return lines
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from itertools import compress
 from typing import Any
 
-from poolwatch.doctor.facts import ActivityRow, PgBouncerFacts, PostgresFacts, ProbeFacts
+from poolwatch.doctor.facts import ActivityRow, PgBouncerFacts, PostgresFacts, ProbeFacts, columns
 from poolwatch.metrics import SourceResult
 from poolwatch.probes import ProbeState
 from poolwatch.sources.pgbouncer import PgBouncerObservation
@@ -73,20 +75,44 @@ def postgres_facts(result: SourceResult) -> PostgresFacts:
     return facts
 
 
+def _stats_totals(stats: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """SHOW STATS ``total_*`` columns summed over the databases, the admin console's own left out.
+
+    Column by column: every numeric value added as a float in row order (the same sums as adding
+    row by row); a column with no number in it is left out.
+    """
+    if not stats:
+        return {}
+    names = getattr(stats, "columns", None)
+    if names is None:
+        names = list(dict.fromkeys(key for row in stats for key in row))
+    names = [n for n in names if n.startswith("total_")]
+    if not names:
+        return {}
+    database, *values = columns(stats, "database", *names)
+    keep = [d != "pgbouncer" for d in database]
+    everything = all(keep)
+    totals: dict[str, float] = {}
+    for name, column in zip(names, values, strict=True):
+        if not everything:
+            column = list(compress(column, keep))
+        if not set(map(type, column)) <= _PLAIN_NUMBERS:
+            column = [v for v in column if isinstance(v, int | float)]
+        if column:
+            totals[name.removeprefix("total_")] = sum(map(float, column), 0.0)
+    return totals
+
+
+_PLAIN_NUMBERS = {int, float}
+
+
 def pgbouncer_facts(result: SourceResult, host: str, port: int) -> PgBouncerFacts:
     obs = result.observation
     if not isinstance(obs, PgBouncerObservation):
         return PgBouncerFacts(
             result.target, up=False, collected_at=0.0, host=host, port=port, down_detail=result.detail
         )
-    totals: dict[str, float] = {}
-    for row in obs.stats or []:
-        if row.get("database") == "pgbouncer":
-            continue
-        for key, value in row.items():
-            if key.startswith("total_") and isinstance(value, int | float):
-                name = key.removeprefix("total_")
-                totals[name] = totals.get(name, 0.0) + float(value)
+    totals = _stats_totals(obs.stats or [])
     # SHOW CONFIG as printed: the source's ``config`` turns 1.25's "<empty>" (an empty query is the
     # server check) into "" (the check is disabled); the doctor must tell them apart
     config = obs.config_raw or obs.config
@@ -101,10 +127,11 @@ def pgbouncer_facts(result: SourceResult, host: str, port: int) -> PgBouncerFact
         version=obs.version_tuple,
         config={k: str(v) for k, v in config.items()},
         config_readable="config" in obs.collected or bool(config),
-        databases=list(obs.databases or []),
-        pools=list(obs.pools or []),
+        # the source's rows as they are (a Table is read column by column, never copied)
+        databases=obs.databases or [],
+        pools=obs.pools or [],
         totals=totals,
-        server_endpoints=set(obs.server_endpoints),
+        server_endpoints=obs.server_endpoints,
         servers_readable="servers" in obs.collected,
         peers=int(peers) if peers is not None else None,
     )

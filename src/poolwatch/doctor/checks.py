@@ -10,13 +10,14 @@ Checklist items (seed-pooling-patterns.md "Production Checklist", plus the field
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from itertools import compress, pairwise, repeat
 from typing import Any
 
 from poolwatch.config import DoctorThresholds
-from poolwatch.doctor.facts import Facts, PgBouncerFacts, PostgresFacts
+from poolwatch.doctor.facts import Facts, PgBouncerFacts, PostgresFacts, columns
 from poolwatch.doctor.model import Finding, Status
 
 SEED = "seed-pooling-patterns.md"
@@ -175,12 +176,16 @@ def recycling(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Fac
     if lifetime is None:
         return _no_config(check, pgb, "server_lifetime")
     # 1.23+ lists the effective server_lifetime per database; only the ones that differ matter
-    per_db = {
-        str(d.get("name")): float(d["server_lifetime"])
-        for d in pgb.databases
-        if isinstance(d.get("server_lifetime"), int | float) and d.get("name") != "pgbouncer"
-    }
-    differing = {name: value for name, value in per_db.items() if value != lifetime}
+    names, lifetimes = columns(pgb.databases, "name", "server_lifetime")
+    differing: dict[str, float] = {}
+    # almost always every database has the global value: look at the distinct values first
+    if any(isinstance(v, int | float) and v != lifetime for v in set(lifetimes)):
+        per_db = {
+            str(name): float(value)
+            for name, value in zip(names, lifetimes, strict=True)
+            if isinstance(value, int | float) and name != "pgbouncer"
+        }
+        differing = {name: value for name, value in per_db.items() if value != lifetime}
     effective = {"(global)": lifetime, **differing}
     once = [name for name, value in effective.items() if value == 0]
     too_long = {name: value for name, value in effective.items() if value > t.recycle_max}
@@ -297,12 +302,48 @@ def _int(value: Any) -> int:
         return 0
 
 
-def _pool_and_reserve(pgb: PgBouncerFacts, row: dict[str, Any]) -> tuple[int, int]:
-    """A SHOW DATABASES row's effective pool size and reserve (it prints effective values)."""
-    size = _int(row.get("pool_size")) or _int(pgb.setting("default_pool_size"))
-    reserve_value = row.get("reserve_pool_size", row.get("reserve_pool"))
-    reserve = _int(reserve_value) if reserve_value is not None else _int(pgb.setting("reserve_pool_size"))
-    return size, reserve
+@dataclass(frozen=True)
+class _DatabaseLimits:
+    """SHOW DATABASES as the limit checks read it, the admin console's row left out: names,
+    (pool_size, reserve) as printed, max_connections as printed, and each distinct printed pair's
+    effective (pool size, reserve) (a 0 pool_size falls back to default_pool_size, a missing reserve
+    to reserve_pool_size)."""
+
+    names: list[str]
+    printed: list[tuple[Any, Any]]
+    caps: Sequence[Any]
+    effective: dict[tuple[Any, Any], tuple[int, int]]
+
+
+def _database_limits(pgb: PgBouncerFacts) -> _DatabaseLimits:
+    """Read column-wise, computed once per distinct pair, cached on the facts (several checks ask)."""
+    cached = pgb.derived.get("database_limits")
+    if isinstance(cached, _DatabaseLimits):
+        return cached
+    rows = pgb.databases
+    positions = getattr(rows, "positions", None)
+    names, sizes, caps = columns(rows, "name", "pool_size", "max_connections")
+    if positions is not None:
+        reserve_column = "reserve_pool_size" if "reserve_pool_size" in positions else "reserve_pool"
+        (reserves,) = columns(rows, reserve_column)
+    else:
+        reserves = [row.get("reserve_pool_size", row.get("reserve_pool")) for row in rows]
+    if "pgbouncer" in names:
+        keep = [name != "pgbouncer" for name in names]
+        names, sizes, reserves, caps = (list(compress(c, keep)) for c in (names, sizes, reserves, caps))
+    printed = list(zip(sizes, reserves, strict=True))
+    default_size = _int(pgb.setting("default_pool_size"))
+    default_reserve = _int(pgb.setting("reserve_pool_size"))
+    effective = {
+        (size, reserve): (
+            _int(size) or default_size,
+            _int(reserve) if reserve is not None else default_reserve,
+        )
+        for size, reserve in set(printed)
+    }
+    limits = _DatabaseLimits(list(map(str, names)), printed, caps, effective)
+    pgb.derived["database_limits"] = limits
+    return limits
 
 
 def max_server_connections(pgb: PgBouncerFacts) -> tuple[int, dict[str, int]]:
@@ -310,31 +351,42 @@ def max_server_connections(pgb: PgBouncerFacts) -> tuple[int, dict[str, int]]:
 
     Per database: (pool_size + reserve_pool_size) × users with a pool there, capped by the
     database's max_db_connections; the total is capped by max_user_connections × users.
+    Computed once per collection (bounded_overflow and sizing both ask), from whole columns and
+    once per distinct (pool_size, reserve, max_connections, users) combination.
     """
+    cached = pgb.derived.get("max_server_connections")
+    if cached is not None:
+        return cached[0], dict(cached[1])
     max_db = _int(pgb.setting("max_db_connections"))
     max_user = _int(pgb.setting("max_user_connections"))
-    users_per_db: dict[str, set[str]] = {}
-    for pool in pgb.pools:
-        db = str(pool.get("database"))
-        if db != "pgbouncer":
-            users_per_db.setdefault(db, set()).add(str(pool.get("user")))
-    per_db: dict[str, int] = {}
-    for row in pgb.databases:
-        name = str(row.get("name"))
-        if name == "pgbouncer":
-            continue
-        size, reserve = _pool_and_reserve(pgb, row)
-        users = max(1, len(users_per_db.get(name, ())))
-        total = (size + reserve) * users
-        db_cap = _int(row.get("max_connections")) or max_db
+    databases, users = columns(pgb.pools, "database", "user")
+    # distinct (database, user) pairs, then users per database: one pass, in C
+    pairs = set(zip(map(str, databases), map(str, users), strict=True))
+    users_per_db = Counter(db for db, _ in pairs)
+    users_per_db.pop("pgbouncer", None)
+    limits = _database_limits(pgb)
+    keys = list(
+        zip(
+            map(limits.effective.__getitem__, limits.printed),
+            limits.caps,
+            map(users_per_db.get, limits.names, repeat(0)),
+            strict=True,
+        )
+    )
+    capped: dict[tuple[tuple[int, int], Any, int], int] = {}
+    for (size, reserve), cap, n_users in set(keys):
+        total = (size + reserve) * max(1, n_users)
+        db_cap = _int(cap) or max_db
         if db_cap:
             total = min(total, db_cap)
-        per_db[name] = total
+        capped[(size, reserve), cap, n_users] = total
+    per_db = dict(zip(limits.names, map(capped.__getitem__, keys), strict=True))
     total = sum(per_db.values())
     if max_user:
-        all_users = {u for users in users_per_db.values() for u in users}
+        all_users = {u for db, u in pairs if db != "pgbouncer"}
         total = min(total, max_user * max(1, len(all_users)))
-    return total, per_db
+    pgb.derived["max_server_connections"] = (total, per_db)
+    return total, dict(per_db)
 
 
 def bounded_overflow(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts) -> Finding:
@@ -346,12 +398,14 @@ def bounded_overflow(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, fac
     ratios: dict[str, float] = {}
     if pool:
         ratios["(default)"] = reserve / pool
-    for row in pgb.databases:
-        if row.get("name") == "pgbouncer":
-            continue
-        size, res = _pool_and_reserve(pgb, row)
-        if size:
-            ratios[str(row.get("name"))] = res / size
+    limits = _database_limits(pgb)
+    ratio = {pair: res / size for pair, (size, res) in limits.effective.items() if size}
+    if len(ratio) == len(limits.effective):
+        ratios.update(zip(limits.names, map(ratio.__getitem__, limits.printed), strict=True))
+    else:  # some pool size is 0 (and so is default_pool_size): those databases have no ratio
+        for name, pair in zip(limits.names, limits.printed, strict=True):
+            if pair in ratio:
+                ratios[name] = ratio[pair]
     over = {k: v for k, v in ratios.items() if v > t.reserve_ratio_max}
     total, per_db = max_server_connections(pgb)
     pg = facts.postgres_named(facts.links.get(pgb.target))
@@ -1145,10 +1199,11 @@ def prepared_statements(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, 
     if mode is None:
         return _no_config(check, pgb, "pool_mode")
     modes = {"(global)": mode}
-    for row in pgb.databases:
-        db_mode = row.get("pool_mode")
-        if isinstance(db_mode, str) and db_mode and row.get("name") != "pgbouncer" and db_mode != mode:
-            modes[str(row.get("name"))] = db_mode
+    names, db_modes = columns(pgb.databases, "name", "pool_mode")
+    if not set(db_modes) <= {None, "", mode}:  # a database with its own pool_mode
+        for name, db_mode in zip(names, db_modes, strict=True):
+            if isinstance(db_mode, str) and db_mode and name != "pgbouncer" and db_mode != mode:
+                modes[str(name)] = db_mode
     pooled = {k: v for k, v in modes.items() if v in ("transaction", "statement")}
     evidence: dict[str, Any] = {"pool_mode": modes if len(modes) > 1 else mode, "version": pgb.version_text}
     if not pooled:

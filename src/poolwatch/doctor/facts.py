@@ -11,8 +11,26 @@ and catalog rows to one adapter (``poolwatch.doctor.adapt``).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+
+def columns(rows: Sequence[Mapping[str, Any]], *names: str) -> list[Sequence[Any]]:
+    """The values of ``names`` in ``rows``, one sequence per name (None where a row lacks it).
+
+    A source ``Table`` hands out whole columns (transposed once, in C) instead of one dict per row:
+    at 10,000 pools the doctor's row-by-row reading was most of its cost. Plain lists of dicts (the
+    tests, hand-made facts) are read row by row, with the same result.
+    """
+    column = getattr(rows, "column", None)
+    if column is not None:
+        out: list[Sequence[Any]] = []
+        for name in names:
+            values = column(name)
+            out.append(values if values is not None else (None,) * len(rows))
+        return out
+    return [[row.get(name) for row in rows] for name in names]
 
 
 @dataclass
@@ -81,14 +99,18 @@ class PgBouncerFacts:
     #: SHOW CONFIG exactly as printed (1.25's ``<empty>`` kept apart from ``""``)
     config: dict[str, str] = field(default_factory=dict)
     config_readable: bool = True
-    databases: list[dict[str, Any]] = field(default_factory=list)
-    pools: list[dict[str, Any]] = field(default_factory=list)
+    #: SHOW DATABASES / SHOW POOLS rows: the source's ``Table`` (read with ``columns``) or dicts
+    databases: Sequence[Mapping[str, Any]] = field(default_factory=list)
+    pools: Sequence[Mapping[str, Any]] = field(default_factory=list)
     totals: dict[str, float] = field(default_factory=dict)  # SHOW STATS totals summed over databases
     #: (local_addr, local_port) of PgBouncer's server connections, to tell pooled backends apart
     server_endpoints: set[tuple[str, int]] = field(default_factory=set)
     servers_readable: bool = True  # SHOW SERVERS answered
     #: SHOW LISTS ``peers`` (1.21+): entries in the [peers] section; None when not reported
     peers: int | None = None
+    #: results derived from the rows and computed once per collection (``checks.max_server_connections``);
+    #: not an init field, so ``dataclasses.replace`` starts a fresh one
+    derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def setting(self, key: str) -> str | None:
         return self.config.get(key)

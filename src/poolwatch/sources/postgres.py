@@ -147,45 +147,52 @@ PG16: Final = 160000  # reserved_connections
 
 _CAN_READ_ALL_STATS = "pg_catalog.pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')"
 
-ACTIVITY_SQL: Final = f"""
+# One scan of pg_stat_activity for three collectors (activity, wait_events, clients): GROUPING SETS
+# aggregate the same client backends by (datname, usename, application_name, state), by (datname,
+# wait_event_type) and by (client_addr, application_name); ``grouping_set`` says which set a row
+# belongs to (GROUPING() = 0: grouped by that column; a NULL of a grouped column stays a real NULL).
+# Reading the view is most of the cost (a status array copy plus joins per backend), so one scan
+# instead of three; every row carries every column, the unused ones NULL.
+PG_STAT_ACTIVITY_SQL: Final = f"""
 SELECT
+    CASE
+        WHEN GROUPING(usename) = 0 THEN 'activity'
+        WHEN GROUPING(wait_event_type) = 0 THEN 'wait_events'
+        ELSE 'clients'
+    END AS grouping_set,
     datname,
     usename,
     application_name,
     state,
+    wait_event_type,
+    pg_catalog.host(client_addr) AS client_addr,
     count(*)::int8 AS connections,
     extract(epoch FROM clock_timestamp() - min(xact_start))::float8 AS oldest_xact_age_seconds,
     extract(epoch FROM clock_timestamp() - min(state_change))::float8 AS max_state_age_seconds,
     extract(epoch FROM clock_timestamp() - min(backend_start))::float8 AS oldest_backend_age_seconds,
+    array_agg(client_port) FILTER (WHERE client_port > 0) AS client_ports,
     {_CAN_READ_ALL_STATS} AS can_read_all_stats,
     current_user::text AS role_name
 FROM pg_catalog.pg_stat_activity
 WHERE backend_type = 'client backend'
-GROUP BY datname, usename, application_name, state
+GROUP BY GROUPING SETS (
+    (datname, usename, application_name, state),
+    (datname, wait_event_type),
+    (client_addr, application_name)
+)
 """
 
-WAIT_EVENTS_SQL: Final = f"""
-SELECT
-    datname,
-    wait_event_type,
-    count(*)::int8 AS connections,
-    {_CAN_READ_ALL_STATS} AS can_read_all_stats
-FROM pg_catalog.pg_stat_activity
-WHERE backend_type = 'client backend'
-GROUP BY datname, wait_event_type
-"""
+#: the collectors whose rows PG_STAT_ACTIVITY_SQL returns, by its ``grouping_set`` column
+PG_STAT_ACTIVITY_COLLECTORS: Final = (ACTIVITY, WAIT_EVENTS, CLIENTS)
 
-CLIENTS_SQL: Final = f"""
-SELECT
-    pg_catalog.host(client_addr) AS client_addr,
-    application_name,
-    count(*)::int8 AS connections,
-    array_agg(client_port) FILTER (WHERE client_port > 0) AS client_ports,
-    {_CAN_READ_ALL_STATS} AS can_read_all_stats
-FROM pg_catalog.pg_stat_activity
-WHERE backend_type = 'client backend'
-GROUP BY client_addr, application_name
-"""
+
+def split_pg_stat_activity(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    """PG_STAT_ACTIVITY_SQL's rows → the activity, wait_events and clients rows, by grouping set."""
+    parts: dict[str, list[Row]] = {name: [] for name in PG_STAT_ACTIVITY_COLLECTORS}
+    for row in rows:
+        parts[row["grouping_set"]].append(row)
+    return parts
+
 
 # reset_val, not setting: poolwatch SETs its own statement_timeout on its session, which changes
 # `setting` but not `reset_val` (what a fresh session of this role/database starts with).
@@ -1229,10 +1236,9 @@ class PostgresSource:
     def _plan(self, server_version_num: int) -> list[tuple[str, str]]:
         """(collector, SQL) in execution order. Tests override this to inject a slow query."""
         return [
-            (ACTIVITY, ACTIVITY_SQL),
+            # activity, wait_events and clients from one pg_stat_activity scan
+            (ACTIVITY, PG_STAT_ACTIVITY_SQL),
             (SETTINGS, SETTINGS_SQL),
-            (WAIT_EVENTS, WAIT_EVENTS_SQL),
-            (CLIENTS, CLIENTS_SQL),
             (DATABASE, database_sql(server_version_num)),
             (ROLE_SETTINGS, ROLE_SETTINGS_SQL),
         ]
@@ -1287,26 +1293,38 @@ class PostgresSource:
                 try:
                     version = _server_version_num(conn)
                     for collector, sql in self._plan(version or 0):
+                        # one query may answer several collectors (PG_STAT_ACTIVITY_SQL); the first
+                        # carries the query's time, the others 0
+                        covered = PG_STAT_ACTIVITY_COLLECTORS if sql == PG_STAT_ACTIVITY_SQL else (collector,)
                         t0 = time.monotonic()
                         current[:] = [(collector, t0)]
                         try:
                             result = await conn.fetch(sql)
                         except asyncpg.PostgresError as exc:
                             reason, detail = classify_query_error(exc, collector)
-                            outcomes[collector] = CollectorOutcome(
-                                collector, False, time.monotonic() - t0, reason, self._scrub(detail)
-                            )
+                            for name in covered:
+                                outcomes[name] = CollectorOutcome(
+                                    name, False, time.monotonic() - t0, reason, self._scrub(detail)
+                                )
                             if conn.is_closed() or reason == "connect":
                                 raise _Aborted("connect", self._scrub(detail)) from exc
                             continue
                         except (OSError, asyncpg.exceptions.InterfaceError) as exc:
                             reason, detail = classify_query_error(exc, collector)
-                            outcomes[collector] = CollectorOutcome(
-                                collector, False, time.monotonic() - t0, reason, self._scrub(detail)
-                            )
+                            for name in covered:
+                                outcomes[name] = CollectorOutcome(
+                                    name, False, time.monotonic() - t0, reason, self._scrub(detail)
+                                )
                             raise _Aborted(reason, self._scrub(detail)) from exc
-                        rows[collector] = list(result)
-                        outcomes[collector] = CollectorOutcome(collector, True, time.monotonic() - t0)
+                        seconds = time.monotonic() - t0
+                        if len(covered) > 1:
+                            rows.update(split_pg_stat_activity(result))
+                        else:
+                            rows[collector] = list(result)
+                        for name in covered:
+                            outcomes[name] = CollectorOutcome(
+                                name, True, seconds if name == collector else 0.0
+                            )
                     current.clear()
                 except BaseException:
                     # Timeout, cancellation or a dead socket: the connection may be mid-query. Drop
