@@ -265,3 +265,25 @@ async def test_pgbouncer_124_shuts_down_within_5s_while_watched_and_comes_back(
         assert await daemon.wait_for("pgbouncer_up", 0, target="pgb") == 0
         pgb.start()  # same port
         assert await daemon.wait_for("pgbouncer_up", 1, target="pgb", timeout=20) == 1
+
+
+async def test_pgbouncer_dsn_alone_probes_every_listed_database(pgb: PgBouncerServer) -> None:
+    """The one-sidecar case: `--pgbouncer DSN` and nothing else watches PgBouncer and checks
+    SELECT 1 through every database it lists (but its own console)."""
+    from poolwatch.config import CommandLine, config_from_command_line
+
+    os.environ["PGPASSWORD"] = pgb.stats_password  # libpq's own variable, as a sidecar would set it
+    try:
+        config = config_from_command_line(CommandLine(pgbouncer_dsn=pgb.stats_dsn, listen="127.0.0.1:0"))
+        config = config.model_copy(update={"probes": config.probes.model_copy(update={"interval": 0.3})})
+        async with running_daemon(config) as daemon:
+            for database in ("app", "postgres"):
+                probe = {"target": "pgbouncer", "kind": "pgbouncer", "database": database}
+                assert await daemon.wait_for("poolwatch_probe_success", 1, **probe) == 1
+            samples = await daemon.metrics()
+            probed = {
+                dict(labels)["database"] for name, labels in samples if name == "poolwatch_probe_success"
+            }
+            assert probed == {"app", "postgres"}
+    finally:
+        del os.environ["PGPASSWORD"]
