@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # scripts/lib.sh - sourced by scripts/test and scripts/demo: the machine setup both need.
-#   pw_ensure_packages      Debian packages in PACKAGES (apt-get; root only, CI runs as root)
+#   pw_ensure_packages PKG… the Debian packages given (apt-get; root only, CI runs as root)
 #   pw_ensure_pgbouncer_124 PgBouncer 1.24 into .cache/pgbouncer-1.24 (scripts/pgbouncer-debian13.sh)
 #   pw_ensure_venv          .venv with `pip install -e '.[test]'` (redone when pyproject.toml changes)
 # Idempotent and quick when everything is already there.
@@ -10,25 +10,30 @@ VENV=${POOLWATCH_VENV:-$REPO_ROOT/.venv}
 PYTHON=${PYTHON:-python3}
 PGBOUNCER_124_DIR=$REPO_ROOT/.cache/pgbouncer-1.24
 
-# Debian packages the test suite and the demo need. Add new ones here, one per line.
+# Debian packages the demo and the tests need. Add new ones here, one per line.
 PACKAGES=(
   pgbouncer       # PgBouncer 1.18: /usr/sbin/pgbouncer
   postgresql-15   # initdb and postgres for the throwaway servers of poolwatch.localcluster
+)
+# ... and those only the tests need (scripts/test installs both lists, scripts/demo the first).
+TEST_PACKAGES=(
   chromium        # headless browser: tests/test_checklist_html.py renders /checklist without JavaScript
+  prometheus      # promtool and a real Prometheus: rules, dashboard and end-to-end alert tests
+  prometheus-alertmanager  # a real Alertmanager for the end-to-end alert test
 )
 
 pw_log() { printf '[%s %(%H:%M:%S)T] %s\n' "$(basename "$0")" -1 "$*" >&2; }
 
 pw_missing_packages() {
   local pkg
-  for pkg in "${PACKAGES[@]}"; do
+  for pkg in "$@"; do
     dpkg-query -W -f='${Status}\n' "$pkg" 2>/dev/null | grep -q '^install ok installed$' || echo "$pkg"
   done
 }
 
 pw_ensure_packages() {
   local missing
-  mapfile -t missing < <(pw_missing_packages)
+  mapfile -t missing < <(pw_missing_packages "$@")
   ((${#missing[@]})) || return 0
   if [[ $(id -u) != 0 ]]; then
     pw_log "missing Debian packages: ${missing[*]} (run as root, or: sudo apt-get install -y ${missing[*]})"
