@@ -363,7 +363,7 @@ BAD_INPUT = [
     ),
     ("config not UTF-8", ["check-config", "{cfg_not_utf8}"], "not UTF-8 text (byte 22)"),
     ("config not UTF-8 (run)", ["run", "--config", "{cfg_not_utf8}"], "not UTF-8 text (byte 22)"),
-    ("config is a directory", ["run", "--config", "{pwdir}"], "cannot read config file: Is a directory"),
+    ("config is a directory", ["run", "--config", "{pwdir}"], "is a directory, not a config file"),
     ("config missing", ["run", "--config", "/nonexistent/poolwatch.yaml"], "config file does not exist"),
     (
         "listen host unresolvable",

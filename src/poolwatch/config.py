@@ -443,28 +443,38 @@ def config_from_mapping(data: Mapping[str, Any], source: str) -> Config:
         raise ConfigError(format_validation_error(source, exc)) from None
 
 
-def load_config(path: Path) -> Config:
-    """Read and validate a YAML file; every problem is a ``ConfigError`` line."""
+def read_yaml_mapping(path: Path, kind: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: {}); every problem a ``ConfigError`` line.
+
+    ``kind`` names the file in messages ("config", "web config").
+    """
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError([f"{path}: config file does not exist"]) from None
+        raise ConfigError([f"{path}: {kind} file does not exist"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{path}: is a directory, not a {kind} file"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+        raise ConfigError([f"{path}: cannot read {kind} file: {exc.strerror}"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([f"{path}: {where}invalid YAML: {problem}"]) from None
     if data is None:
-        data = {}
+        return {}
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping, got {type(data).__name__}"])
-    return config_from_mapping(data, str(path))
+    return data
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a YAML file; every problem is a ``ConfigError`` line."""
+    return config_from_mapping(read_yaml_mapping(path, "config"), str(path))
 
 
 @dataclass(frozen=True)

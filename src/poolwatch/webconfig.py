@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Annotated, Any, Final
 
 import bcrypt
-import yaml
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 from pydantic import (
@@ -71,7 +70,7 @@ from pydantic import (
     model_validator,
 )
 
-from poolwatch.config import field_path, shown_value
+from poolwatch.config import ConfigError, field_path, read_yaml_mapping, shown_value
 from poolwatch.logs import get_logger
 
 __all__ = [
@@ -516,26 +515,9 @@ def load_web_config(path: Path) -> WebConfig:
     """
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WebConfigError([f"{source}: web config file does not exist"]) from None
-    except IsADirectoryError:
-        raise WebConfigError([f"{source}: is a directory, not a web config file"]) from None
-    except UnicodeDecodeError as exc:
-        raise WebConfigError([f"{source}: not UTF-8 text (byte {exc.start})"]) from None
-    except OSError as exc:
-        raise WebConfigError([f"{source}: cannot read web config file: {exc.strerror}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise WebConfigError([f"{source}: {where}invalid YAML: {problem}"]) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise WebConfigError([f"{source}: the top level must be a mapping, got {type(data).__name__}"])
+        data = read_yaml_mapping(path, "web config")
+    except ConfigError as exc:
+        raise WebConfigError(exc.lines) from None
     # Absolute, so a later chdir or a certificate reload still finds the files.
     return web_config_from_mapping(data, source, base_dir=path.parent.absolute())
 
