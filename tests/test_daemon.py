@@ -154,16 +154,8 @@ def test_sigterm_exits_cleanly_within_5s(pg: PostgresServer, pgb: PgBouncerServe
         "    password_env: TEST_PGB_PW\n"
     )
     env = {**os.environ, "TEST_PGB_PW": pgb.stats_password}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "poolwatch.cli", "run", "--config", str(config), "--log-format", "json"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    proc, _ = _start_subprocess_daemon(config, env)
     assert proc.stderr is not None
-    for line in proc.stderr:
-        if '"listening"' in line:
-            break
     time.sleep(1.0)
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
