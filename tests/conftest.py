@@ -18,7 +18,7 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 import pytest
 
@@ -34,7 +34,14 @@ INSTALL_124 = REPO_ROOT / "scripts" / "pgbouncer-debian13.sh"
 
 
 def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str, ci_hint: str = "") -> NoReturn:
+    """A tool or server the test needs is missing: skip locally, fail in CI, where it must run."""
+    if _in_ci():
+        pytest.fail(f"{reason} (CI=true: this must run{'; ' + ci_hint if ci_hint else ''})", pytrace=False)
+    pytest.skip(reason)
 
 
 class MakePgBouncer(Protocol):
@@ -53,9 +60,7 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
 def pgbouncer_118_binary() -> str:
     if not Path(DEFAULT_PGBOUNCER).exists():
         message = f"{DEFAULT_PGBOUNCER} is missing: apt-get install -y pgbouncer (scripts/test does)"
-        if _in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable(message)
     return DEFAULT_PGBOUNCER
 
 
@@ -74,9 +79,7 @@ def pgbouncer_124_binary() -> str:
         found = find_pgbouncer_124(REPO_ROOT)
     if found is None:
         message = f"PgBouncer 1.24 unavailable under {REPO_ROOT / '.cache/pgbouncer-1.24'} ({reason})"
-        if _in_ci():
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable(message)
     return found
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import struct
@@ -26,6 +25,7 @@ import pytest
 from poolwatch.doctor import report
 from poolwatch.doctor.model import Status
 from poolwatch.localcluster import PgBouncerServer, PostgresServer
+from tests.conftest import unavailable
 from tests.daemon import Daemon, make_config, pgbouncer_target, postgres_target, running_daemon
 
 CHROMIUM_FLAGS = (
@@ -46,9 +46,7 @@ def chromium() -> str:
     found = shutil.which("chromium")
     if found is None:
         message = "chromium is missing: apt-get install -y chromium (scripts/test does)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable(message)
     return found
 
 

@@ -33,20 +33,17 @@ import pytest
 import yaml
 
 from poolwatch.localcluster import PgBouncerServer
+from tests.conftest import unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 TOOLS = REPO / "tests" / "container"
 IMAGE = os.environ.get("POOLWATCH_TEST_IMAGE", "localhost/poolwatch:test")
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 APP_UID = 10001
 STOP_DEADLINE = 5.0  # SIGTERM -> exited, seconds
 
 
 def _unavailable(reason: str) -> None:
-    """Skip where the container tooling cannot run; in CI that is a failure."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: the container tests must run; see tests/container/setup.sh)")
-    pytest.skip(reason)
+    unavailable(reason, "see tests/container/setup.sh")
 
 
 def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:

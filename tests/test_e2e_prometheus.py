@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from poolwatch.localcluster import Load, PostgresServer, free_port
-from tests.conftest import MakePgBouncer
+from tests.conftest import MakePgBouncer, unavailable
 from tests.daemon import make_config, pgbouncer_target, postgres_target, running_daemon, secret_env
 from tests.promql_names import REPO_ROOT, known_metric_names, template_queries
 
@@ -75,9 +75,7 @@ def _binary(name: str) -> str:
         message = (
             f"{name} is missing: apt-get install -y prometheus prometheus-alertmanager (scripts/test does)"
         )
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable(message)
     return found
 
 

@@ -8,7 +8,6 @@ poolwatch exports.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import unavailable
 from tests.promql_names import REPO_ROOT, known_metric_names, metric_names, template_queries
 
 RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -34,9 +34,7 @@ def _promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
         message = "promtool is missing: apt-get install -y prometheus (scripts/test does)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable(message)
     return found
 
 
