@@ -1039,8 +1039,9 @@ def connection_growth(check: Check, pg: PostgresFacts, t: DoctorThresholds, fact
     # per application: the last GROWTH_SAMPLES collections, each higher than the one before
     history = [p for p in facts.past_postgres(pg.target) if p.activity_readable] + [pg]
     recent = history[-GROWTH_SAMPLES:]
-    apps = {app for sample in recent for app in sample.connections_by_application() if not _own(app)}
-    series = {app: [s.connections_by_application().get(app, 0) for s in recent] for app in sorted(apps)}
+    by_sample = [sample.connections_by_application() for sample in recent]
+    apps = {app for counts in by_sample for app in counts if not _own(app)}
+    series = {app: [counts.get(app, 0) for counts in by_sample] for app in sorted(apps)}
     growing = {
         _app_label(app): counts
         for app, counts in series.items()
