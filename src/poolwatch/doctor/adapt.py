@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping, Sequence
-from itertools import compress
+from itertools import repeat
 from typing import Any
 
 from poolwatch.doctor.facts import ActivityRow, PgBouncerFacts, PostgresFacts, ProbeFacts, columns
@@ -61,12 +62,15 @@ def postgres_facts(result: SourceResult) -> PostgresFacts:
         )
     # pg_stat_activity grouped by (client_addr, application_name) with the client ports: one backend
     # per port; backends without a port (Unix socket) are "local"
+    backends = facts.backends
     for client in obs.clients or []:
         addr = client.client_addr or "local"
         app = client.application_name or ""
-        ports = [int(p) for p in client.client_ports if p is not None]
-        facts.backends.extend((addr, port, app) for port in ports)
-        facts.backends.extend(("local", -1, app) for _ in range(max(0, client.connections - len(ports))))
+        ports: Sequence[Any] = client.client_ports
+        if not set(map(type, ports)) <= {int}:  # as the driver hands them over they already are
+            ports = [int(p) for p in ports if p is not None]
+        backends.extend(zip(repeat(addr), ports, repeat(app)))
+        backends.extend(repeat(("local", -1, app), max(0, client.connections - len(ports))))
     if obs.databases is not None and obs.session_counters_supported:
         facts.sessions = float(sum(d.sessions or 0 for d in obs.databases))
         facts.sessions_abandoned = float(sum(d.sessions_abandoned or 0 for d in obs.databases))
@@ -90,20 +94,62 @@ def _stats_totals(stats: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     if not names:
         return {}
     database, *values = columns(stats, "database", *names)
-    keep = [d != "pgbouncer" for d in database]
-    everything = all(keep)
+    admin = _positions(database, "pgbouncer")
     totals: dict[str, float] = {}
     for name, column in zip(names, values, strict=True):
-        if not everything:
-            column = list(compress(column, keep))
-        if not set(map(type, column)) <= _PLAIN_NUMBERS:
-            column = [v for v in column if isinstance(v, int | float)]
-        if column:
-            totals[name.removeprefix("total_")] = sum(map(float, column), 0.0)
+        total = _integer_total(column, admin)
+        if total is None:
+            total = _float_total(column, admin)
+        if total is not None:
+            totals[name.removeprefix("total_")] = total
     return totals
 
 
+def _positions(values: Sequence[Any], wanted: str) -> list[int]:
+    """Where ``wanted`` is in ``values`` (searched in C: usually once, near the end)."""
+    found: list[int] = []
+    for _ in range(values.count(wanted)):
+        found.append(values.index(wanted, found[-1] + 1 if found else 0))
+    return found
+
+
+#: below this every partial sum of non-negative integers is exact as a float
+_EXACT_FLOAT_INTEGERS = 2**53
+
+
+def _integer_total(column: Sequence[Any], skip: list[int]) -> float | None:
+    """The float sum of an all-integer column without the rows at ``skip``, in two C-level passes;
+    None when that would not be exactly what adding the floats one by one gives.
+
+    SHOW STATS totals are non-negative integers (counts, bytes, microseconds). Then every partial
+    sum is an integer no larger than the whole, and below 2**53 each float addition is exact: the
+    sum added as floats in row order equals the integer sum, converted once.
+    """
+    if len(column) <= len(skip):
+        return None
+    try:
+        # one C pass that refuses anything but integers from 0 to 2**64 - 1 (NULL, text, floats,
+        # negative numbers); then the exact sum, in a second one
+        array("Q", column)
+        exact = sum(column)
+    except (TypeError, OverflowError):
+        return None
+    if type(exact) is not int:  # integer-like types that are not int: the general path
+        return None
+    kept = exact - sum(column[i] for i in skip)
+    return float(kept) if kept < _EXACT_FLOAT_INTEGERS else None
+
+
 _PLAIN_NUMBERS = {int, float}
+
+
+def _float_total(column: Sequence[Any], skip: list[int]) -> float | None:
+    if skip:
+        dropped = set(skip)
+        column = [v for i, v in enumerate(column) if i not in dropped]
+    if not set(map(type, column)) <= _PLAIN_NUMBERS:
+        column = [v for v in column if isinstance(v, int | float)]
+    return sum(map(float, column), 0.0) if column else None
 
 
 def pgbouncer_facts(result: SourceResult, host: str, port: int) -> PgBouncerFacts:
