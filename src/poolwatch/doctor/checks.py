@@ -14,7 +14,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import compress, pairwise, repeat
-from typing import Any
+from operator import itemgetter, not_
+from typing import Any, TypeVar, cast
 
 from poolwatch.config import DoctorThresholds
 from poolwatch.doctor.facts import Facts, PgBouncerFacts, PostgresFacts, columns
@@ -25,6 +26,8 @@ NOTES = "field-notes.md"
 POOLWATCH_APP = "poolwatch"
 #: collections in a row whose per-application connection count must rise every time to say "growing"
 GROWTH_SAMPLES = 5
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,19 @@ def stale_connections(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, fa
 
 
 # -- 2. recycling -------------------------------------------------------------------------------
+def _differing_lifetimes(names: Sequence[Any], lifetimes: Sequence[Any], lifetime: float) -> dict[str, float]:
+    """Databases whose effective server_lifetime (SHOW DATABASES, 1.23+) is not the global one."""
+    # almost always every database has the global value: look at the distinct values first
+    if not any(isinstance(v, int | float) and v != lifetime for v in set(lifetimes)):
+        return {}
+    per_db = {
+        str(name): float(value)
+        for name, value in zip(names, lifetimes, strict=True)
+        if isinstance(value, int | float) and name != "pgbouncer"
+    }
+    return {name: value for name, value in per_db.items() if value != lifetime}
+
+
 def recycling(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pgb.up:
         return _down(check, pgb.target, pgb.down_detail)
@@ -177,15 +193,12 @@ def recycling(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Fac
         return _no_config(check, pgb, "server_lifetime")
     # 1.23+ lists the effective server_lifetime per database; only the ones that differ matter
     names, lifetimes = columns(pgb.databases, "name", "server_lifetime")
-    differing: dict[str, float] = {}
-    # almost always every database has the global value: look at the distinct values first
-    if any(isinstance(v, int | float) and v != lifetime for v in set(lifetimes)):
-        per_db = {
-            str(name): float(value)
-            for name, value in zip(names, lifetimes, strict=True)
-            if isinstance(value, int | float) and name != "pgbouncer"
-        }
-        differing = {name: value for name, value in per_db.items() if value != lifetime}
+    differing = _carried(
+        pgb,
+        "differing_lifetimes",
+        (names, lifetimes, lifetime),
+        lambda: _differing_lifetimes(names, lifetimes, lifetime),
+    )
     effective = {"(global)": lifetime, **differing}
     once = [name for name, value in effective.items() if value == 0]
     too_long = {name: value for name, value in effective.items() if value > t.recycle_max}
@@ -315,8 +328,28 @@ class _DatabaseLimits:
     effective: dict[tuple[Any, Any], tuple[int, int]]
 
 
+def _carried(pgb: PgBouncerFacts, name: str, inputs: tuple[Any, ...], compute: Callable[[], _T]) -> _T:
+    """``compute()``, or the result it gave at an earlier collection of this PgBouncer when
+    ``inputs`` were equal then.
+
+    SHOW DATABASES, SHOW CONFIG and the list of pools rarely change between collections, and at
+    10,000 pools what the limit checks derive from them was most of the doctor's time. The
+    computations are pure functions of ``inputs``, so a result carried over is the one computing
+    afresh would give. ``inputs`` hold whole columns: comparing two 10,000-value tuples runs in C
+    and costs a fraction of a millisecond. A value that is == but of another type (5 and 5.0)
+    means the same to these computations (they read numbers through ``_int``).
+    """
+    entry = pgb.memo.get(name)
+    if entry is not None and entry[0] == inputs:
+        return cast(_T, entry[1])
+    value = compute()
+    pgb.memo[name] = (inputs, value)
+    return value
+
+
 def _database_limits(pgb: PgBouncerFacts) -> _DatabaseLimits:
-    """Read column-wise, computed once per distinct pair, cached on the facts (several checks ask)."""
+    """Read column-wise, computed once per distinct pair, kept on the facts (several checks ask)
+    and carried over to the next collection while SHOW DATABASES and the defaults are unchanged."""
     cached = pgb.derived.get("database_limits")
     if isinstance(cached, _DatabaseLimits):
         return cached
@@ -328,12 +361,31 @@ def _database_limits(pgb: PgBouncerFacts) -> _DatabaseLimits:
         (reserves,) = columns(rows, reserve_column)
     else:
         reserves = [row.get("reserve_pool_size", row.get("reserve_pool")) for row in rows]
+    defaults = (pgb.setting("default_pool_size"), pgb.setting("reserve_pool_size"))
+    limits = _carried(
+        pgb,
+        "database_limits",
+        (names, sizes, reserves, caps, *defaults),
+        lambda: _read_database_limits(names, sizes, reserves, caps, *defaults),
+    )
+    pgb.derived["database_limits"] = limits
+    return limits
+
+
+def _read_database_limits(
+    names: Sequence[Any],
+    sizes: Sequence[Any],
+    reserves: Sequence[Any],
+    caps: Sequence[Any],
+    default_pool_size: str | None,
+    reserve_pool_size: str | None,
+) -> _DatabaseLimits:
     if "pgbouncer" in names:
         keep = [name != "pgbouncer" for name in names]
         names, sizes, reserves, caps = (list(compress(c, keep)) for c in (names, sizes, reserves, caps))
     printed = list(zip(sizes, reserves, strict=True))
-    default_size = _int(pgb.setting("default_pool_size"))
-    default_reserve = _int(pgb.setting("reserve_pool_size"))
+    default_size = _int(default_pool_size)
+    default_reserve = _int(reserve_pool_size)
     effective = {
         (size, reserve): (
             _int(size) or default_size,
@@ -341,9 +393,7 @@ def _database_limits(pgb: PgBouncerFacts) -> _DatabaseLimits:
         )
         for size, reserve in set(printed)
     }
-    limits = _DatabaseLimits(list(map(str, names)), printed, caps, effective)
-    pgb.derived["database_limits"] = limits
-    return limits
+    return _DatabaseLimits(list(map(str, names)), printed, caps, effective)
 
 
 def max_server_connections(pgb: PgBouncerFacts) -> tuple[int, dict[str, int]]:
@@ -351,20 +401,46 @@ def max_server_connections(pgb: PgBouncerFacts) -> tuple[int, dict[str, int]]:
 
     Per database: (pool_size + reserve_pool_size) × users with a pool there, capped by the
     database's max_db_connections; the total is capped by max_user_connections × users.
-    Computed once per collection (bounded_overflow and sizing both ask), from whole columns and
-    once per distinct (pool_size, reserve, max_connections, users) combination.
+    Computed once per collection (bounded_overflow and sizing both ask) and carried over while its
+    inputs are unchanged, from whole columns and once per distinct (pool_size, reserve,
+    max_connections, users) combination.
     """
+    total, per_db = _server_connections(pgb)
+    return total, dict(per_db)
+
+
+def _server_connections(pgb: PgBouncerFacts) -> tuple[int, dict[str, int]]:
+    """``max_server_connections`` without the copy: the dict is shared by the findings' evidence
+    and by later collections, so nothing may change it."""
     cached = pgb.derived.get("max_server_connections")
     if cached is not None:
-        return cached[0], dict(cached[1])
-    max_db = _int(pgb.setting("max_db_connections"))
-    max_user = _int(pgb.setting("max_user_connections"))
+        return cast(tuple[int, dict[str, int]], cached)
     databases, users = columns(pgb.pools, "database", "user")
+    limits = _database_limits(pgb)
+    settings = (pgb.setting("max_db_connections"), pgb.setting("max_user_connections"))
+    result = _carried(
+        pgb,
+        "max_server_connections",
+        (limits, databases, users, *settings),
+        lambda: _count_server_connections(limits, databases, users, *settings),
+    )
+    pgb.derived["max_server_connections"] = result
+    return result
+
+
+def _count_server_connections(
+    limits: _DatabaseLimits,
+    databases: Sequence[Any],
+    users: Sequence[Any],
+    max_db_connections: str | None,
+    max_user_connections: str | None,
+) -> tuple[int, dict[str, int]]:
+    max_db = _int(max_db_connections)
+    max_user = _int(max_user_connections)
     # distinct (database, user) pairs, then users per database: one pass, in C
     pairs = set(zip(map(str, databases), map(str, users), strict=True))
     users_per_db = Counter(db for db, _ in pairs)
     users_per_db.pop("pgbouncer", None)
-    limits = _database_limits(pgb)
     keys = list(
         zip(
             map(limits.effective.__getitem__, limits.printed),
@@ -385,8 +461,26 @@ def max_server_connections(pgb: PgBouncerFacts) -> tuple[int, dict[str, int]]:
     if max_user:
         all_users = {u for db, u in pairs if db != "pgbouncer"}
         total = min(total, max_user * max(1, len(all_users)))
-    pgb.derived["max_server_connections"] = (total, per_db)
-    return total, dict(per_db)
+    return total, per_db
+
+
+def _reserve_ratios(
+    limits: _DatabaseLimits, pool: int, reserve: int, ratio_max: float
+) -> tuple[dict[str, float], float]:
+    """reserve / pool size of the default and of every database: (those above ``ratio_max``, the
+    largest; 0 when none has a pool size)."""
+    ratios: dict[str, float] = {}
+    if pool:
+        ratios["(default)"] = reserve / pool
+    ratio = {pair: res / size for pair, (size, res) in limits.effective.items() if size}
+    if len(ratio) == len(limits.effective):
+        ratios.update(zip(limits.names, map(ratio.__getitem__, limits.printed), strict=True))
+    else:  # some pool size is 0 (and so is default_pool_size): those databases have no ratio
+        for name, pair in zip(limits.names, limits.printed, strict=True):
+            if pair in ratio:
+                ratios[name] = ratio[pair]
+    over = {k: v for k, v in ratios.items() if v > ratio_max}
+    return over, max(ratios.values(), default=0.0)
 
 
 def bounded_overflow(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts) -> Finding:
@@ -395,19 +489,14 @@ def bounded_overflow(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, fac
     if not pgb.config_readable or pgb.setting("default_pool_size") is None:
         return _no_config(check, pgb, "default_pool_size")
     pool, reserve = _int(pgb.setting("default_pool_size")), _int(pgb.setting("reserve_pool_size"))
-    ratios: dict[str, float] = {}
-    if pool:
-        ratios["(default)"] = reserve / pool
     limits = _database_limits(pgb)
-    ratio = {pair: res / size for pair, (size, res) in limits.effective.items() if size}
-    if len(ratio) == len(limits.effective):
-        ratios.update(zip(limits.names, map(ratio.__getitem__, limits.printed), strict=True))
-    else:  # some pool size is 0 (and so is default_pool_size): those databases have no ratio
-        for name, pair in zip(limits.names, limits.printed, strict=True):
-            if pair in ratio:
-                ratios[name] = ratio[pair]
-    over = {k: v for k, v in ratios.items() if v > t.reserve_ratio_max}
-    total, per_db = max_server_connections(pgb)
+    over, worst_ratio = _carried(
+        pgb,
+        "reserve_ratios",
+        (limits, pool, reserve, t.reserve_ratio_max),
+        lambda: _reserve_ratios(limits, pool, reserve, t.reserve_ratio_max),
+    )
+    total, per_db = _server_connections(pgb)
     pg = facts.postgres_named(facts.links.get(pgb.target))
     usable = pg.usable_connections if pg is not None and pg.up else None
     evidence: dict[str, Any] = {
@@ -434,7 +523,6 @@ def bounded_overflow(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, fac
             f"PgBouncer may open {total} server connections but PostgreSQL "
             f"{pg.target if pg else ''} has only {usable} usable slots"
         )
-    worst_ratio = max(ratios.values(), default=0.0)
     if problems:
         return _finding(
             check,
@@ -668,6 +756,11 @@ def pgbouncer_timeouts(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, f
 
 
 # -- 5. a pooler above 100 concurrent connections -------------------------------------------------
+_ADDR_PORT = itemgetter(0, 1)
+_ADDR_APP = itemgetter(0, 2)
+_APP = itemgetter(2)
+
+
 def direct_connections(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pg.up:
         return _down(check, pg.target, pg.down_detail)
@@ -688,16 +781,25 @@ def direct_connections(check: Check, pg: PostgresFacts, t: DoctorThresholds, fac
     pooled: set[tuple[str, int]] = set()
     for pgb in poolers:
         pooled |= pgb.server_endpoints
-    bypass: dict[str, int] = {}
+    # Counted in C, a thousand backends at a time: per (address, application) and, when a PgBouncer
+    # is in front, split by whether (address, port) is one of its server connections. A Counter keeps
+    # first occurrences in order, so the sources below come in the order their first direct backend
+    # appears (ties in "top_direct_sources" stay in that order).
+    backends = pg.backends
     through = 0
-    for addr, port, app in pg.backends:
+    if pooled:
+        is_pooled = list(map(pooled.__contains__, map(_ADDR_PORT, backends)))
+        through_apps = Counter(map(_APP, compress(backends, is_pooled)))
+        through = sum(n for app, n in through_apps.items() if not _own(app))
+        direct = Counter(map(_ADDR_APP, compress(backends, map(not_, is_pooled))))
+    else:
+        direct = Counter(map(_ADDR_APP, backends))
+    bypass: dict[str, int] = {}
+    for (addr, app), n in direct.items():
         if _own(app):
             continue
-        if (addr, port) in pooled:
-            through += 1
-            continue
         key = f"{addr} {_app_label(app)}"
-        bypass[key] = bypass.get(key, 0) + 1
+        bypass[key] = bypass.get(key, 0) + n
     count = sum(bypass.values())
     top = dict(sorted(bypass.items(), key=lambda kv: -kv[1])[:5])
     evidence: dict[str, Any] = {
@@ -910,12 +1012,16 @@ def graceful_shutdown(check: Check, pg: PostgresFacts, t: DoctorThresholds, fact
 
 
 # -- 9. sizing -------------------------------------------------------------------------------------
+def _above(per_db: dict[str, int], ceiling: int) -> dict[str, int]:
+    return {db: n for db, n in per_db.items() if n > ceiling}
+
+
 def sizing(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pgb.up:
         return _down(check, pgb.target, pgb.down_detail)
     if not pgb.config_readable:
         return _no_config(check, pgb, "default_pool_size")
-    total, per_db = max_server_connections(pgb)
+    total, per_db = _server_connections(pgb)
     pg = facts.postgres_named(facts.links.get(pgb.target))
     current = pg.client_backends if pg is not None and pg.up else None
     evidence: dict[str, Any] = {
@@ -938,7 +1044,7 @@ def sizing(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts)
                 "per_database_ceiling": ceiling,
             }
         )
-        big = {db: n for db, n in per_db.items() if n > ceiling}
+        big = _carried(pgb, "sizing_big", (per_db, ceiling), lambda: _above(per_db, ceiling))
         if big:
             status = Status.WARN
             problems.append(
@@ -1193,19 +1299,27 @@ def reuseport_peers(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, fact
     )
 
 
+def _pool_modes(names: Sequence[Any], db_modes: Sequence[Any], mode: str) -> tuple[dict[str, str], bool]:
+    """The global pool_mode and every database's own, if it has another one; whether any of them
+    pools by transaction or statement."""
+    modes = {"(global)": mode}
+    if not set(db_modes) <= {None, "", mode}:  # a database with its own pool_mode
+        for name, db_mode in zip(names, db_modes, strict=True):
+            if isinstance(db_mode, str) and db_mode and name != "pgbouncer" and db_mode != mode:
+                modes[str(name)] = db_mode
+    return modes, any(v in ("transaction", "statement") for v in modes.values())
+
+
 def prepared_statements(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pgb.up:
         return _down(check, pgb.target, pgb.down_detail)
     mode = pgb.setting("pool_mode")
     if mode is None:
         return _no_config(check, pgb, "pool_mode")
-    modes = {"(global)": mode}
     names, db_modes = columns(pgb.databases, "name", "pool_mode")
-    if not set(db_modes) <= {None, "", mode}:  # a database with its own pool_mode
-        for name, db_mode in zip(names, db_modes, strict=True):
-            if isinstance(db_mode, str) and db_mode and name != "pgbouncer" and db_mode != mode:
-                modes[str(name)] = db_mode
-    pooled = {k: v for k, v in modes.items() if v in ("transaction", "statement")}
+    modes, pooled = _carried(
+        pgb, "pool_modes", (names, db_modes, mode), lambda: _pool_modes(names, db_modes, mode)
+    )
     evidence: dict[str, Any] = {"pool_mode": modes if len(modes) > 1 else mode, "version": pgb.version_text}
     if not pooled:
         return _finding(

@@ -116,6 +116,10 @@ class PgBouncerFacts:
     #: results derived from the rows and computed once per collection (``checks.max_server_connections``);
     #: not an init field, so ``dataclasses.replace`` starts a fresh one
     derived: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    #: name → (inputs, result) of derived results, kept by the ``DoctorRunner`` from one collection
+    #: of this PgBouncer to the next (``checks._carried``): a result is reused while its inputs are
+    #: equal. Fresh (empty) on hand-made facts and on history samples.
+    memo: dict[str, tuple[Any, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def setting(self, key: str) -> str | None:
         return self.config.get(key)

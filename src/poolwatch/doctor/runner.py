@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
@@ -30,6 +31,9 @@ class DoctorRunner:
         self.findings: list[Finding] = []
         self.evaluated_at: float | None = None
         self._history: dict[str, deque[PgBouncerFacts | PostgresFacts]] = {}
+        #: per PgBouncer target: the checks' results carried from one collection to the next
+        #: (``PgBouncerFacts.memo``)
+        self._memo: dict[str, dict[str, tuple[Any, Any]]] = {}
 
     def observe(self, results: Iterable[SourceResult], probes: Iterable[ProbeState]) -> list[Finding]:
         facts = Facts()
@@ -38,9 +42,9 @@ class DoctorRunner:
             if result.kind == "pgbouncer":
                 target = by_name.get(result.target)
                 params = target.connection_params(6432, "pgbouncer") if target else {}
-                facts.pgbouncers.append(
-                    pgbouncer_facts(result, params.get("host", ""), int(params.get("port", "0") or 0))
-                )
+                bouncer = pgbouncer_facts(result, params.get("host", ""), int(params.get("port", "0") or 0))
+                bouncer.memo = self._memo.setdefault(_key(bouncer), {})
+                facts.pgbouncers.append(bouncer)
             elif result.kind == "postgres":
                 facts.postgres.append(postgres_facts(result))
         facts.probes = [probe_facts(p) for p in probes]
