@@ -227,6 +227,28 @@ class Running:
     stop: Callable[[], None]
 
 
+#: Young-generation threshold of the garbage collector while serving (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def _tune_gc() -> None:
+    """Make the cyclic garbage collector cheap for a daemon that allocates in bursts.
+
+    A collection of a 10,000-pool PgBouncer allocates hundreds of thousands of short-lived row
+    tuples, lists and strings. At the default thresholds that triggers hundreds of young
+    collections and several full ones, each walking every object the modules, pydantic models and
+    aiohttp created at import time (measured: 10-15 % of a collection's CPU at 10,000 pools).
+    Everything alive now lives as long as the process: freeze it out of every future scan, and
+    collect the young generation less often (memory for cycles is reclaimed all the same).
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 async def serve(
     config: Config,
     *,
@@ -265,6 +287,7 @@ async def serve(
         raise ConfigError(
             [f"listen: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}"]
         ) from None
+    _tune_gc()
     await engine.start()
     host, port = _bound_address(runner, config)
     url = f"{'https' if ssl_context else 'http'}://{host}:{port}"
