@@ -11,7 +11,14 @@ import pytest
 from prometheus_client.metrics_core import Metric
 
 from poolwatch.localcluster import PgBouncerServer, PostgresServer, hold_transactions
-from poolwatch.sources.pgbouncer import COLLECTORS, PgBouncerObservation, PgBouncerSource
+from poolwatch.metrics import exposition
+from poolwatch.sources.pgbouncer import (
+    COLLECTORS,
+    PgBouncerObservation,
+    PgBouncerSource,
+    families_from_observation,
+    select_pools,
+)
 
 MakePgBouncer = Callable[..., PgBouncerServer]
 SHOWS_PER_COLLECTION = len(COLLECTORS)
@@ -53,6 +60,44 @@ async def test_five_clients_on_a_pool_of_two(make_pgbouncer: MakePgBouncer) -> N
     assert maxwait is not None and 0 <= maxwait < 60
     assert isinstance(result.observation, PgBouncerObservation)
     assert result.observation.servers[("app", pgb.app_user)].states == {"active": 2}
+
+
+async def test_pipelined_collection_renders_what_the_pure_function_does(
+    make_pgbouncer: MakePgBouncer,
+) -> None:
+    """The collection sends each SHOW while it builds (and pre-renders) the previous one's families,
+    and reuses the label text of the previous collection when the labels did not change. The bytes
+    must be those of ``families_from_observation`` over the same observation, rendered afresh:
+    on the first collection, on a repeat (label text from the cache) and after the pools changed
+    (a waiting client: new state labels, new values)."""
+    pgb = make_pgbouncer(default_pool_size=1)
+    source = _source(pgb, hold_connection="always")
+
+    async def compare() -> PgBouncerObservation:
+        result = await source.collect(5)
+        assert result.up and all(o.ok for o in result.outcomes), result.outcomes
+        obs = result.observation
+        assert isinstance(obs, PgBouncerObservation)
+        fresh = families_from_observation(obs, "pgb", select_pools(obs, source.pool_filter))
+        collected = [f for f in result.families if f.name not in ("pgbouncer_up", "poolwatch_pools_dropped")]
+        assert [f.name for f in collected] == [f.name for f in fresh]
+        for openmetrics in (False, True):
+            assert (
+                exposition(collected, openmetrics=openmetrics).join()
+                == exposition(fresh, openmetrics=openmetrics).join()
+            )
+        return obs
+
+    try:
+        await compare()
+        await compare()
+        async with hold_transactions(pgb.app_dsn(), pgb.app_password, 2, wait_holding=1):
+            await asyncio.to_thread(pgb.wait_for_pool, "app", cl_waiting=1, cl_active=1)
+            obs = await compare()
+        assert obs.clients[("app", pgb.app_user)].states == {"active": 1, "waiting": 1}
+        await compare()
+    finally:
+        await source.close()
 
 
 async def test_25_collections_on_one_connection(pgb: PgBouncerServer) -> None:
@@ -164,14 +209,28 @@ async def test_a_hung_pgbouncer_costs_at_most_the_timeout(make_pgbouncer: MakePg
 async def test_setup_mistakes_are_explained(pgb: PgBouncerServer, pg: PostgresServer) -> None:
     cases = [
         # the application user is not in stats_users
-        (PgBouncerSource("pgb", pgb.stats_dsn.replace(f"user={pgb.stats_user}", f"user={pgb.app_user}"),
-                         pgb.app_password, connect_timeout=5), "privilege", "stats_users"),
+        (
+            PgBouncerSource(
+                "pgb",
+                pgb.stats_dsn.replace(f"user={pgb.stats_user}", f"user={pgb.app_user}"),
+                pgb.app_password,
+                connect_timeout=5,
+            ),
+            "privilege",
+            "stats_users",
+        ),
         (PgBouncerSource("pgb", pgb.stats_dsn, "wrong-password-123", connect_timeout=5), "auth", "password"),
         # an application database through PgBouncer, and PostgreSQL itself
-        (PgBouncerSource("pgb", pgb.app_dsn("app"), pgb.app_password, connect_timeout=5), "config",
-         "dbname=pgbouncer"),
-        (PgBouncerSource("pgb", pg.monitor_dsn(), pg.monitor_password, connect_timeout=5), "config",
-         "dbname=pgbouncer"),
+        (
+            PgBouncerSource("pgb", pgb.app_dsn("app"), pgb.app_password, connect_timeout=5),
+            "config",
+            "dbname=pgbouncer",
+        ),
+        (
+            PgBouncerSource("pgb", pg.monitor_dsn(), pg.monitor_password, connect_timeout=5),
+            "config",
+            "dbname=pgbouncer",
+        ),
     ]
     for source, reason, hint in cases:
         try:
@@ -186,14 +245,14 @@ async def test_setup_mistakes_are_explained(pgb: PgBouncerServer, pg: PostgresSe
 
 async def test_one_failing_show_does_not_make_the_target_down(pgb: PgBouncerServer) -> None:
     source = _source(pgb, hold_connection="always")
-    real_show = source._show
+    real_show = source._execute
 
     async def older_pgbouncer(conn: object, command: str) -> object:
         # what a release or fork without the command answers: an error on a healthy connection
         renamed = {"SHOW CLIENTS": "SHOW NO_SUCH_LIST", "SHOW POOLS": "SHOW POOLS"}.get(command, command)
         return await real_show(conn, renamed)  # type: ignore[arg-type]
 
-    source._show = older_pgbouncer  # type: ignore[assignment,method-assign]
+    source._execute = older_pgbouncer  # type: ignore[assignment,method-assign]
     try:
         result = await source.collect(5)
         outcomes = {o.collector: o for o in result.outcomes}
@@ -209,12 +268,12 @@ async def test_one_failing_show_does_not_make_the_target_down(pgb: PgBouncerServ
 
 async def test_without_show_pools_the_target_is_down(pgb: PgBouncerServer) -> None:
     source = _source(pgb, hold_connection="always")
-    real_show = source._show
+    real_show = source._execute
 
     async def no_pools(conn: object, command: str) -> object:
         return await real_show(conn, "SHOW NO_SUCH_LIST" if command == "SHOW POOLS" else command)  # type: ignore[arg-type]
 
-    source._show = no_pools  # type: ignore[assignment,method-assign]
+    source._execute = no_pools  # type: ignore[assignment,method-assign]
     try:
         result = await source.collect(5)
         assert not result.up and result.reason == "query" and result.detail

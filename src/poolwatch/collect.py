@@ -22,7 +22,17 @@ from poolwatch import __version__
 from poolwatch.config import Config, PgBouncerTarget, PostgresTarget
 from poolwatch.doctor.runner import DoctorRunner
 from poolwatch.logs import get_logger
-from poolwatch.metrics import ERROR_REASONS, SourceResult, counter, exposition, family_size, gauge
+from poolwatch.metrics import (
+    ERROR_REASONS,
+    Exposition,
+    SourceResult,
+    counter,
+    drop_rendered,
+    exposition,
+    family_size,
+    gauge,
+    unrendered_series,
+)
 from poolwatch.probes import ProbeState, pgbouncer_check, probe_families, run_check
 from poolwatch.sources.pgbouncer import PgBouncerObservation, PgBouncerSource, PoolFilter
 from poolwatch.sources.postgres import PostgresSource
@@ -56,34 +66,45 @@ class TargetRuntime:
 #: Above this many series a snapshot is rendered in a worker thread, so the event loop (other
 #: scrapes, /healthz, the listener watcher) keeps getting turns; below it the hop costs more.
 RENDER_IN_THREAD_SERIES = 20_000
+#: The body is kept in blocks of about this size: one write each when served.
+WRITE_BLOCK = 1 << 20
 
 
 @dataclass
 class Snapshot:
     """One complete collection: families from every target plus poolwatch's own metrics.
 
-    The scrape body is rendered once per snapshot and format (``metrics.exposition``: a few C-level
-    joins per family) and served as the same bytes to every scrape until the next collection.
+    The scrape body is rendered once per snapshot and format (``metrics.exposition``; sources
+    pre-render their large families while their next query is in flight) and served as the same
+    chunks to every scrape until the next collection.
     """
 
     families: list[Metric]
     results: dict[str, SourceResult]
     taken_at: float
     monotonic: float
-    _rendered: dict[str, bytes] = field(default_factory=dict)
-    _rendering: dict[str, asyncio.Future[bytes]] = field(default_factory=dict)
+    _rendered: dict[str, Exposition] = field(default_factory=dict)
+    _rendering: dict[str, asyncio.Future[Exposition]] = field(default_factory=dict)
 
-    def render(self, openmetrics: bool = False) -> bytes:
-        """The scrape body, rendered once per format and snapshot (see ``metrics.exposition``)."""
+    def body(self, openmetrics: bool = False) -> Exposition:
+        """The scrape body as chunks, rendered once per format and snapshot."""
         key = "om" if openmetrics else "text"
         cached = self._rendered.get(key)
         if cached is None:
-            cached = exposition(self.families, openmetrics=openmetrics).join()
+            cached = exposition(self.families, openmetrics=openmetrics)
+            # the families' pre-rendered bytes are now the body's; regroup them into write-sized
+            # blocks once, so every scrape of this snapshot is a few large writes and no copying
+            drop_rendered(self.families)
+            cached.coalesce(WRITE_BLOCK)
             self._rendered[key] = cached
         return cached
 
-    async def render_async(self, openmetrics: bool = False) -> bytes:
-        """``render``, in a worker thread when the snapshot is large; concurrent callers share one
+    def render(self, openmetrics: bool = False) -> bytes:
+        """The scrape body as one ``bytes`` (tests, small bodies)."""
+        return self.body(openmetrics).join()
+
+    async def body_async(self, openmetrics: bool = False) -> Exposition:
+        """``body``, in a worker thread when much is left to render; concurrent callers share one
         rendering."""
         key = "om" if openmetrics else "text"
         cached = self._rendered.get(key)
@@ -91,12 +112,12 @@ class Snapshot:
             return cached
         pending = self._rendering.get(key)
         if pending is None:
-            if self.series() > RENDER_IN_THREAD_SERIES:
-                pending = asyncio.ensure_future(asyncio.to_thread(self.render, openmetrics))
+            if unrendered_series(self.families, openmetrics=openmetrics) > RENDER_IN_THREAD_SERIES:
+                pending = asyncio.ensure_future(asyncio.to_thread(self.body, openmetrics))
             else:
                 pending = asyncio.get_running_loop().create_future()
                 try:
-                    pending.set_result(self.render(openmetrics))
+                    pending.set_result(self.body(openmetrics))
                 except Exception as exc:
                     pending.set_exception(exc)
             self._rendering[key] = pending
@@ -104,12 +125,16 @@ class Snapshot:
         # shield: a scraper that goes away must not cancel a rendering others wait for
         return await asyncio.shield(pending)
 
+    async def render_async(self, openmetrics: bool = False) -> bytes:
+        return (await self.body_async(openmetrics)).join()
+
     def series(self) -> int:
         return sum(family_size(f) for f in self.families)
 
     def release_rendering(self) -> None:
-        """Drop the rendered bodies (a new collection is coming); ``render`` makes them again."""
+        """Drop the rendered bodies (a new collection is coming); ``body`` makes them again."""
         self._rendered.clear()
+        drop_rendered(self.families)
 
 
 class Engine:
@@ -174,6 +199,9 @@ class Engine:
             # reason to hold two large bodies at once
             self._snapshot.release_rendering()
         timeout = self.config.collection.timeout
+        for runtime in self.targets:
+            if isinstance(runtime.source, PgBouncerSource):
+                runtime.source.render_openmetrics = self.prefer_openmetrics
         results = await asyncio.gather(*(self._collect_target(t, timeout) for t in self.targets))
         snap = Snapshot(
             families=[],
@@ -192,7 +220,7 @@ class Engine:
                 log.exception("pool doctor failed")
         snap.families.extend(self._self_families())
         try:
-            await snap.render_async(self.prefer_openmetrics)
+            await snap.body_async(self.prefer_openmetrics)
         except Exception:  # rendered again (and the error seen) by the scrape
             log.exception("rendering the snapshot failed")
         self._snapshot = snap

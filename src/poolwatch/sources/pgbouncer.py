@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from itertools import compress
 from pathlib import Path
 from typing import Any, Literal, cast, overload
 
@@ -56,17 +57,20 @@ from poolwatch.metrics import (
     ErrorReason,
     FamilyBuilder,
     LabelTable,
+    LabelTextCache,
     SourceResult,
     as_float,
     label_column,
     label_text,
     numeric_column,
+    prerender,
 )
 from poolwatch.sources.pgbouncer_columns import (
     COLUMN_RENAMES,
     COMMAND_LABELS,
     CONFIG_INFO_KEYS,
     DERIVED,
+    MICROSECONDS,
     OBSERVED_CONFIG_KEYS,
     TARGET_LABEL,
     ColumnMetric,
@@ -118,6 +122,12 @@ COLLECTORS: tuple[tuple[str, str], ...] = (
     ("servers", "SHOW SERVERS"),
 )
 CORE_COLLECTOR = "pools"
+#: The order the SHOWs are sent in (families keep ``COLLECTORS``' order). PgBouncer produces the
+#: next SHOW while poolwatch builds the families of the previous one, so the one PgBouncer takes
+#: longest over (SHOW CLIENTS: a row per client) goes right after SHOW POOLS, whose families
+#: take poolwatch long, and the small ones go last.
+_SENT_IN = ("version", "pools", "clients", "stats", "databases", "servers", "lists", "config")
+EXECUTION_ORDER: tuple[tuple[str, str], ...] = tuple(sorted(COLLECTORS, key=lambda c: _SENT_IN.index(c[0])))
 
 _VERSION_RE = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 
@@ -140,6 +150,82 @@ class ConnectionGroup:
     @property
     def total(self) -> int:
         return sum(self.states.values())
+
+
+class Connections(Mapping[ConnKey, ConnectionGroup]):
+    """SHOW CLIENTS or SHOW SERVERS aggregated per (database, user), stored by column.
+
+    The families are made from the columns (a ``Counter`` of (database, user, state) and lists
+    aligned with ``keys``); read as a mapping ``(database, user) → ConnectionGroup`` the groups
+    are built on first use. 10,000 clients must not cost 10,000 objects per collection.
+    """
+
+    __slots__ = (
+        "_groups",
+        "close_needed",
+        "group_keys",
+        "max_wait_seconds",
+        "oldest_connect_time",
+        "state_counts",
+    )
+
+    def __init__(
+        self,
+        state_counts: Counter[tuple[str, str, str]],
+        keys: list[ConnKey],
+        oldest_connect_time: list[float | None],
+        max_wait_seconds: list[float | None],
+        close_needed: list[int],
+    ) -> None:
+        self.state_counts = state_counts  # (database, user, state) → connections, first seen first
+        self.group_keys = keys  # every (database, user), first seen first; the lists below follow it
+        self.oldest_connect_time = oldest_connect_time
+        self.max_wait_seconds = max_wait_seconds
+        self.close_needed = close_needed
+        self._groups: dict[ConnKey, ConnectionGroup] | None = None
+
+    @classmethod
+    def from_groups(cls, groups: Mapping[ConnKey, ConnectionGroup]) -> Connections:
+        if isinstance(groups, Connections):
+            return groups
+        counts: Counter[tuple[str, str, str]] = Counter()
+        for (database, user), group in groups.items():
+            for state, count in group.states.items():
+                counts[(database, user, state)] = count
+        values = list(groups.values())
+        return cls(
+            counts,
+            list(groups),
+            [g.oldest_connect_time for g in values],
+            [g.max_wait_seconds for g in values],
+            [g.close_needed for g in values],
+        )
+
+    def groups(self) -> dict[ConnKey, ConnectionGroup]:
+        if self._groups is None:
+            groups = {
+                key: ConnectionGroup(oldest_connect_time=oldest, max_wait_seconds=wait, close_needed=close)
+                for key, oldest, wait, close in zip(
+                    self.group_keys,
+                    self.oldest_connect_time,
+                    self.max_wait_seconds,
+                    self.close_needed,
+                    strict=True,
+                )
+            }
+            for (database, user, state), count in self.state_counts.items():
+                groups[(database, user)].states[state] = count
+            self._groups = groups
+        return self._groups
+
+    def __getitem__(self, key: ConnKey) -> ConnectionGroup:
+        return self.groups()[key]
+
+    def __iter__(self) -> Iterator[ConnKey]:
+        return iter(self.group_keys)
+
+    def __len__(self) -> int:
+        return len(self.group_keys)
 
 
 @dataclass(slots=True)
@@ -166,8 +252,8 @@ class PgBouncerObservation:
     stats: Sequence[Row] = field(default_factory=list)  # SHOW STATS (totals and averages, raw units)
     databases: Sequence[Row] = field(default_factory=list)  # SHOW DATABASES
     lists: dict[str, float] = field(default_factory=dict)  # SHOW LISTS, list name → items
-    clients: dict[ConnKey, ConnectionGroup] = field(default_factory=dict)  # SHOW CLIENTS by (db, user)
-    servers: dict[ConnKey, ConnectionGroup] = field(default_factory=dict)  # SHOW SERVERS by (db, user)
+    clients: Mapping[ConnKey, ConnectionGroup] = field(default_factory=dict)  # SHOW CLIENTS by (db, user)
+    servers: Mapping[ConnKey, ConnectionGroup] = field(default_factory=dict)  # SHOW SERVERS by (db, user)
     #: (local_addr, local_port) of PgBouncer's server connections: lets the doctor recognise which
     #: PostgreSQL backends are pooled
     server_endpoints: set[tuple[str, int]] = field(default_factory=set)
@@ -364,34 +450,32 @@ _UNPARSED = object()
 
 def aggregate_connections(
     columns: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> tuple[dict[ConnKey, ConnectionGroup], set[tuple[str, int]]]:
+) -> tuple[Connections, set[tuple[str, int]]]:
     """SHOW CLIENTS / SHOW SERVERS → aggregates per (database, user) and the local endpoints.
 
     Column by column rather than row by row: the result is transposed once (in C), states are
     counted with a ``Counter``, and only the columns that are rarely non-zero (waits, close_needed)
-    are walked in Python. Connect times are compared as text (the format is fixed-width and
-    sortable) and only each group's oldest is parsed.
+    are walked in Python, at their non-zero rows. Connect times are compared as text (the format
+    is fixed-width and sortable) and only each group's oldest is parsed.
     """
     index = {name: i for i, name in enumerate(columns)}
     db_at, user_at, state_at = index.get("database"), index.get("user"), index.get("state")
-    if db_at is None or user_at is None:
-        return {}, set()
     rows = rows if isinstance(rows, list) else list(rows)
-    if not rows:
-        return {}, set()
+    if db_at is None or user_at is None or not rows:
+        return Connections(Counter(), [], [], [], []), set()
     cols = list(zip(*rows, strict=True))
-    keys: list[ConnKey] = list(zip(label_column(cols[db_at]), label_column(cols[user_at]), strict=True))
-    states = label_column(cols[state_at]) if state_at is not None else [""] * len(keys)
-    groups: dict[ConnKey, ConnectionGroup] = {}
-    for (key, state), count in Counter(zip(keys, states, strict=True)).items():
-        group = groups.get(key)
-        if group is None:
-            group = groups[key] = ConnectionGroup()
-        group.states[state] = count
+    databases, users = label_column(cols[db_at]), label_column(cols[user_at])
+    states = label_column(cols[state_at]) if state_at is not None else [""] * len(rows)
+    pairs: list[ConnKey] = list(zip(databases, users, strict=True))
+    state_counts = Counter(zip(databases, users, states, strict=True))
+    keys: list[ConnKey] = list(dict.fromkeys(pairs))  # first seen first, as the Counter
+    n = len(keys)
+    position = dict(zip(keys, range(n), strict=True))
+    oldest: list[float | None] = [None] * n
     connect_at = index.get("connect_time")
     if connect_at is not None:
         oldest_text: dict[ConnKey, str] = {}
-        for key, stamp in zip(keys, cols[connect_at], strict=True):
+        for key, stamp in zip(pairs, cols[connect_at], strict=True):
             if type(stamp) is str and (key not in oldest_text or stamp < oldest_text[key]):
                 oldest_text[key] = stamp
         parsed: dict[str, float | None] = {}  # one-second resolution: few distinct stamps
@@ -399,30 +483,35 @@ def aggregate_connections(
             seconds = parsed.get(stamp, _UNPARSED)
             if seconds is _UNPARSED:
                 seconds = parsed[stamp] = parse_pgbouncer_time(stamp)
-            groups[key].oldest_connect_time = cast(float | None, seconds)
+            oldest[position[key]] = cast(float | None, seconds)
+    max_wait: list[float | None] = [None] * n
     wait_at = index.get("wait")
     if wait_at is not None:
         wait_us_at = index.get("wait_us")
         waits = cols[wait_at]
-        waits_us = cols[wait_us_at] if wait_us_at is not None else ()
-        if set(map(type, waits)) == {int} and not any(waits) and not any(waits_us):
-            for group in groups.values():  # nobody waits (the usual case)
-                group.max_wait_seconds = 0.0
+        waits_us = cols[wait_us_at] if wait_us_at is not None else (0,) * len(rows)
+        if set(map(type, waits)) | set(map(type, waits_us)) <= {int}:
+            max_wait = [0.0] * n  # ints everywhere: only the rows that wait need a look
+            rows_to_read: Iterable[int] = sorted(
+                set(compress(range(len(rows)), waits)) | set(compress(range(len(rows)), waits_us))
+            )
         else:
-            for key, wait, wait_us in zip(keys, waits, waits_us or (None,) * len(keys), strict=True):
-                seconds = as_float(wait)
-                if seconds is None:
-                    continue
-                if wait_us:
-                    seconds += (as_float(wait_us) or 0.0) / 1e6
-                group = groups[key]
-                if group.max_wait_seconds is None or seconds > group.max_wait_seconds:
-                    group.max_wait_seconds = seconds
+            rows_to_read = range(len(rows))
+        for i in rows_to_read:
+            seconds = as_float(waits[i])
+            if seconds is None:
+                continue
+            if waits_us[i]:
+                seconds += (as_float(waits_us[i]) or 0.0) / 1e6
+            at = position[pairs[i]]
+            current = max_wait[at]
+            if current is None or seconds > current:
+                max_wait[at] = seconds
+    close_needed = [0] * n
     close_at = index.get("close_needed")
-    if close_at is not None and any(cols[close_at]):
-        for key, close in zip(keys, cols[close_at], strict=True):
-            if close:
-                groups[key].close_needed += int(as_float(close) or 0)
+    if close_at is not None:
+        for i in compress(range(len(rows)), cols[close_at]):
+            close_needed[position[pairs[i]]] += int(as_float(cols[close_at][i]) or 0)
     endpoints: set[tuple[str, int]] = set()
     laddr_at, lport_at = index.get("local_addr"), index.get("local_port")
     if laddr_at is not None and lport_at is not None:
@@ -430,7 +519,7 @@ def aggregate_connections(
             number = as_float(port)
             if isinstance(addr, str) and addr and number is not None:
                 endpoints.add((addr, int(number)))
-    return groups, endpoints
+    return Connections(state_counts, keys, oldest, max_wait, close_needed), endpoints
 
 
 # ------------------------------------------------------------------------------------------------
@@ -590,6 +679,7 @@ def _table_families(
     rows: Sequence[Mapping[str, Value]],
     target: str,
     keep: Sequence[int] | None = None,
+    label_cache: LabelTextCache | None = None,
 ) -> list[Metric]:
     """The families of one SHOW, column by column: a column of the result is a family's values.
 
@@ -608,38 +698,58 @@ def _table_families(
     n = len(table)
     if n == 0:
         return []
-    label_names = COMMAND_LABELS[command]
-    label_values = [label_column(table.column(name) or [None] * n) for name in label_names]
-    if len(set(zip(*label_values, strict=True))) != n:
-        # duplicate rows (some forks return them): the first of each label set wins
-        first: dict[tuple[str, ...], int] = {}
-        for i, key in enumerate(zip(*label_values, strict=True)):
-            first.setdefault(key, i)
-        unique = sorted(first.values())
-        table = Table(table.columns, [table.rows[i] for i in unique])
-        label_values = [[column[i] for i in unique] for column in label_values]
-        n = len(unique)
-    labels = LabelTable((TARGET_LABEL, *label_names), [[target] * n, *label_values])
+    label_names = (TARGET_LABEL, *COMMAND_LABELS[command])
+    label_values = [label_column(table.column(name) or [None] * n) for name in label_names[1:]]
+    # the same label values as last time (checked unique then): last time's text, no checks
+    labels = label_cache.lookup(command, label_names, [[target] * n, *label_values]) if label_cache else None
+    if labels is None:
+        if len(set(zip(*label_values, strict=True))) != n:
+            # duplicate rows (some forks return them): the first of each label set wins
+            first: dict[tuple[str, ...], int] = {}
+            for i, key in enumerate(zip(*label_values, strict=True)):
+                first.setdefault(key, i)
+            unique = sorted(first.values())
+            table = Table(table.columns, [table.rows[i] for i in unique])
+            label_values = [[column[i] for i in unique] for column in label_values]
+            n = len(unique)
+        labels = LabelTable(label_names, [[target] * n, *label_values])
+        if label_cache is not None:
+            label_cache.store(command, labels)
     families: list[Metric] = []
     for spec in present:
-        numbers, kept = numeric_column(cast(Sequence[object], table.column(spec.column)))
+        numbers, kept, integers = numeric_column(cast(Sequence[object], table.column(spec.column)))
+        exponent = 0
         if spec.subsecond_us is not None:
             extra = table.column(spec.subsecond_us)
             if extra is not None and any(extra):
                 extra = extra if kept is None else [extra[i] for i in kept]
-                numbers = [
-                    v + (as_float(us) or 0.0) / 1e6 if us else v for v, us in zip(numbers, extra, strict=True)
-                ]
-        if spec.scale != 1.0:
+                if integers and _all_int(extra):  # seconds + microseconds: exact microseconds
+                    whole = cast(Sequence[int], numbers)
+                    micros = cast(Sequence[int], extra)
+                    numbers = [v * 1_000_000 + us for v, us in zip(whole, micros, strict=True)]
+                    exponent = -6
+                else:
+                    numbers = [
+                        v + (as_float(us) or 0.0) / 1e6 if us else v
+                        for v, us in zip(numbers, extra, strict=True)
+                    ]
+        if exponent:
+            pass
+        elif spec.scale == MICROSECONDS and integers:
+            exponent = -6  # written as 85817e-6: exact, and cheaper than a float's repr
+        elif spec.scale != 1.0:
             scale = spec.scale
             numbers = [v * scale for v in numbers]
         if not numbers:
             continue  # NULL everywhere: no samples, no family
         family_labels = labels if kept is None else labels.take(kept)
-        families.append(
-            ColumnarFamily(_family_name(spec.metric, spec.kind), spec.help, spec.kind, family_labels, numbers)
-        )
+        name = _family_name(spec.metric, spec.kind)
+        families.append(ColumnarFamily(name, spec.help, spec.kind, family_labels, numbers, exponent=exponent))
     return families
+
+
+def _all_int(values: Sequence[object]) -> bool:
+    return set(map(type, values)) <= {int}
 
 
 def _keyed_families(
@@ -665,15 +775,15 @@ def _derived(metric: str) -> FamilyBuilder:
     return _builder(d.metric, d.help, d.kind, d.labels)
 
 
-def _derived_family(
-    metric: str, keys: list[tuple[str, ...]], values: list[float], labels: LabelTable | None = None
-) -> Metric | None:
-    if not keys:
-        return None
-    d = _DERIVED[metric]
-    if labels is None or len(labels) != len(keys):
-        labels = LabelTable.from_keys(d.labels, keys)
-    return ColumnarFamily(_family_name(d.metric, d.kind), d.help, d.kind, labels, values)
+def _label_table(
+    names: Sequence[str], columns: list[list[str]], cache_key: str, label_cache: LabelTextCache | None
+) -> LabelTable:
+    if label_cache is None:
+        return LabelTable(names, columns)
+    table = label_cache.lookup(cache_key, names, columns)
+    if table is None:
+        table = label_cache.store(cache_key, LabelTable(names, columns))
+    return table
 
 
 def _connection_families(
@@ -682,41 +792,49 @@ def _connection_families(
     prefix: str,
     collected_at: float,
     selection: Selection,
+    label_cache: LabelTextCache | None = None,
 ) -> list[Metric]:
-    count_keys: list[tuple[str, ...]] = []
-    counts: list[float] = []
-    oldest_keys: list[tuple[str, ...]] = []
-    oldest: list[float] = []
-    extra_keys: list[tuple[str, ...]] = []
-    extra: list[float] = []
+    conns = Connections.from_groups(groups)
+    triples: list[tuple[str, str, str]] = list(conns.state_counts)
+    counts: list[int] = list(conns.state_counts.values())
+    keys, oldest_times = conns.group_keys, conns.oldest_connect_time
     clients = prefix == "clients"
-    everything = selection.everything
-    for (database, user), group in groups.items():
-        if not everything and not selection.pool_ok(database, user):
-            continue
-        for state, count in group.states.items():
-            count_keys.append((target, database, user, state))
-            counts.append(count)
-        key = (target, database, user)
-        if group.oldest_connect_time is not None:
-            oldest_keys.append(key)
-            oldest.append(max(0.0, collected_at - group.oldest_connect_time))
-        if not clients:
-            extra_keys.append(key)
-            extra.append(group.close_needed)
-        elif group.max_wait_seconds is not None:
-            extra_keys.append(key)
-            extra.append(group.max_wait_seconds)
-    extra_name = "pgbouncer_clients_max_wait_seconds" if clients else "pgbouncer_servers_close_needed"
+    extra_values: list[float | None] | list[int] = conns.max_wait_seconds if clients else conns.close_needed
+    if not selection.everything:
+        kept = [i for i, (database, user, _) in enumerate(triples) if selection.pool_ok(database, user)]
+        triples, counts = [triples[i] for i in kept], [counts[i] for i in kept]
+        kept = [i for i, (database, user) in enumerate(keys) if selection.pool_ok(database, user)]
+        keys = [keys[i] for i in kept]
+        oldest_times = [oldest_times[i] for i in kept]
+        extra_values = [extra_values[i] for i in kept]
+    families: list[Metric] = []
+    if triples:
+        d = _DERIVED[f"pgbouncer_{prefix}"]
+        columns = [[target] * len(triples), *map(list, zip(*triples, strict=True))]
+        labels = _label_table(d.labels, columns, d.metric, label_cache)
+        families.append(ColumnarFamily(_family_name(d.metric, d.kind), d.help, d.kind, labels, counts))
     oldest_name = f"pgbouncer_{prefix}_oldest_connection_age_seconds"
-    per_group = LabelTable.from_keys(_DERIVED[oldest_name].labels, oldest_keys) if oldest_keys else None
-    # both lists follow the groups in order: equally long means the same label sets, one table
-    families = [
-        _derived_family(f"pgbouncer_{prefix}", count_keys, counts),
-        _derived_family(oldest_name, oldest_keys, oldest, per_group),
-        _derived_family(extra_name, extra_keys, extra, per_group),
-    ]
-    return [f for f in families if f is not None]
+    extra_name = "pgbouncer_clients_max_wait_seconds" if clients else "pgbouncer_servers_close_needed"
+    per_key: LabelTable | None = None
+    if keys:
+        columns = [[target] * len(keys), *map(list, zip(*keys, strict=True))]
+        per_key = _label_table(_DERIVED[oldest_name].labels, columns, oldest_name, label_cache)
+    for name, values in ((oldest_name, oldest_times), (extra_name, extra_values)):
+        if per_key is None:
+            break
+        d = _DERIVED[name]
+        if name == oldest_name:
+            values = [None if t is None else max(0.0, collected_at - t) for t in oldest_times]
+        if None in values:
+            kept = [i for i, v in enumerate(values) if v is not None]
+            family_labels, values = per_key.take(kept), [values[i] for i in kept]
+        else:
+            family_labels = per_key
+        if values:
+            families.append(
+                ColumnarFamily(_family_name(d.metric, d.kind), d.help, d.kind, family_labels, values)  # type: ignore[arg-type]
+            )
+    return families
 
 
 def _name_keep(rows: Sequence[Mapping[str, Value]], column: str, selection: Selection) -> list[int] | None:
@@ -724,6 +842,48 @@ def _name_keep(rows: Sequence[Mapping[str, Value]], column: str, selection: Sele
         return None
     names = label_column(_as_table(rows).column(column) or [None] * len(rows))
     return [i for i, name in enumerate(names) if selection.database_ok(name)]
+
+
+def collector_families(
+    name: str,
+    obs: PgBouncerObservation,
+    target: str,
+    selection: Selection | None = None,
+    label_cache: LabelTextCache | None = None,
+) -> list[Metric]:
+    """The families one collector's SHOW contributes (``families_from_observation`` for one of
+    ``COLLECTORS``): a collection turns each SHOW into families as soon as its rows are in, while
+    the next SHOW is in flight. Stats, databases and clients follow ``selection``'s pools;
+    ``label_cache`` (one per target) reuses the label text of the previous collection."""
+    selection = selection if selection is not None else Selection()
+    cache = label_cache
+    if name == "version":
+        if not obs.version:
+            return []
+        version = _derived("pgbouncer_version_info")
+        version.add_prepared((target, obs.version), 1.0)
+        return [version.build()]
+    if name == "pools":
+        return _table_families("pools", obs.pools, target, selection.pools, cache)
+    if name == "stats":
+        keep = _name_keep(obs.stats, "database", selection)
+        return _table_families("stats", obs.stats, target, keep, cache)
+    if name == "databases":
+        keep = _name_keep(obs.databases, "name", selection)
+        return _table_families("databases", obs.databases, target, keep, cache)
+    if name == "lists":
+        return [b.build() for b in _keyed_families(columns_for("lists"), obs.lists, target) if len(b)]
+    if name == "config":
+        builders = _keyed_families(columns_for("config"), obs.config, target)
+        if obs.config:
+            info = _derived("pgbouncer_config_info")
+            info.add_prepared((target, *[obs.config.get(key, "") for key in CONFIG_INFO_KEYS]), 1.0)
+            builders.append(info)
+        return [b.build() for b in builders if len(b)]
+    if name in ("clients", "servers") and name in obs.collected:
+        groups = obs.clients if name == "clients" else obs.servers
+        return _connection_families(groups, target, name, obs.collected_at, selection, cache)
+    return []
 
 
 def families_from_observation(
@@ -736,28 +896,7 @@ def families_from_observation(
     Prometheus reject the whole scrape. ``selection`` (``select_pools``) leaves pools out.
     """
     selection = selection if selection is not None else Selection()
-    families: list[Metric] = []
-    builders: list[FamilyBuilder] = []
-    if obs.version:
-        version = _derived("pgbouncer_version_info")
-        version.add_prepared((target, obs.version), 1.0)
-        families.append(version.build())
-    families += _table_families("pools", obs.pools, target, selection.pools)
-    families += _table_families("stats", obs.stats, target, _name_keep(obs.stats, "database", selection))
-    databases = _name_keep(obs.databases, "name", selection)
-    families += _table_families("databases", obs.databases, target, databases)
-    builders += _keyed_families(columns_for("lists"), obs.lists, target)
-    builders += _keyed_families(columns_for("config"), obs.config, target)
-    if obs.config:
-        info = _derived("pgbouncer_config_info")
-        info.add_prepared((target, *[obs.config.get(key, "") for key in CONFIG_INFO_KEYS]), 1.0)
-        builders.append(info)
-    families += [b.build() for b in builders if len(b)]
-    if "clients" in obs.collected:
-        families += _connection_families(obs.clients, target, "clients", obs.collected_at, selection)
-    if "servers" in obs.collected:
-        families += _connection_families(obs.servers, target, "servers", obs.collected_at, selection)
-    return families
+    return [f for name, _ in COLLECTORS for f in collector_families(name, obs, target, selection)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1075,6 +1214,20 @@ class _Run:
     timed_out: bool = False
     failure: tuple[ErrorReason, str] | None = None  # why the connection is unusable
     conn: psycopg.AsyncConnection[TupleRow] | None = None  # the connection this run uses
+    #: the families of each collector's SHOW, made while the next SHOW was in flight
+    families: dict[str, list[Metric]] = field(default_factory=dict)
+    selection: Selection | None = None  # the cardinality guard's choice, once SHOW POOLS is in
+    #: pre-render families in this format (True: OpenMetrics) as they are made; None: leave it
+    render_openmetrics: bool | None = None
+
+
+@dataclass(slots=True)
+class _Answer:
+    """A SHOW whose result has arrived (rows not loaded yet), with what came along with it."""
+
+    cursor: psycopg.AsyncCursor[TupleRow]
+    notices: list[str]
+    sent_at: float
 
 
 #: What the fallback loads with: the Python loaders above, forgiving but slow.
@@ -1097,6 +1250,8 @@ def _load_rows(cur: psycopg.AsyncClientCursor[TupleRow]) -> list[TupleRow]:
 WATCH_INTERVAL = 0.5
 #: above this many pools + client/server groups, families are built in a worker thread
 _BIG = 1000
+#: the collectors whose families follow the cardinality guard's selection of pools
+_SELECTED = frozenset({"pools", "stats", "databases", "clients", "servers"})
 
 
 class PgBouncerSource:
@@ -1135,6 +1290,10 @@ class PgBouncerSource:
         self._user = _opt_str(params.get("user"))
         self._connect_timeout = connect_timeout
         self.hold_connection: HoldMode = hold_connection
+        #: the exposition format families are pre-rendered in while the next SHOW is in flight
+        #: (the engine sets it to the format the last scrape asked for); None: not pre-rendered
+        self.render_openmetrics: bool | None = False
+        self._label_cache = LabelTextCache()  # only touched by the collection holding the lock
         self._conn: psycopg.AsyncConnection[TupleRow] | None = None
         self._endpoint: _Endpoint | None = None
         self._lock = asyncio.Lock()
@@ -1179,7 +1338,7 @@ class PgBouncerSource:
     async def _collect_bounded(self, timeout: float) -> SourceResult:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        run = _Run(PgBouncerObservation(collected_at=time.time()))
+        run = _Run(PgBouncerObservation(collected_at=time.time()), render_openmetrics=self.render_openmetrics)
         deadline = loop.time() + timeout
         work = asyncio.create_task(self._collect_locked(run, deadline))
 
@@ -1205,14 +1364,9 @@ class PgBouncerSource:
         result = self._result(run, time.perf_counter() - started, timeout)
         dropped: Metric | None = None
         if run.connected:
-            obs = run.obs
-            if len(obs.pools) + len(obs.clients) + len(obs.servers) > _BIG:
-                # ~50 ms of CPU at 10,000 pools: in a thread, so the event loop (HTTP, watchers,
-                # other targets) keeps getting turns meanwhile
-                result.families = await asyncio.to_thread(self._families, obs)
-            else:
-                result.families = self._families(obs)
-            if "pools" in obs.collected:
+            self.last_selection = self._selection(run)
+            result.families = [f for name, _ in COLLECTORS for f in run.families.get(name, ())]
+            if "pools" in run.obs.collected:
                 dropped = self._dropped_family()
         up = FamilyBuilder(
             "pgbouncer_up", "1 if the admin console answered SHOW POOLS, else 0", "gauge", ("target",)
@@ -1223,10 +1377,11 @@ class PgBouncerSource:
             result.families.append(dropped)
         return result
 
-    def _families(self, obs: PgBouncerObservation) -> list[Metric]:
-        selection = select_pools(obs, self.pool_filter)
-        self.last_selection = selection
-        return families_from_observation(obs, self.target, selection)
+    def _selection(self, run: _Run) -> Selection:
+        # SHOW POOLS comes before every SHOW whose families follow the selection
+        if run.selection is None:
+            run.selection = select_pools(run.obs, self.pool_filter)
+        return run.selection
 
     def _dropped_family(self) -> Metric:
         selection = self.last_selection
@@ -1249,21 +1404,21 @@ class PgBouncerSource:
                 if conn is None:
                     return
                 run.conn = conn
-                await self._run_collector(run, conn, *COLLECTORS[0])
+                await self._run_collectors(run, conn, EXECUTION_ORDER[:1])
                 if reused and run.failure is not None and not run.timed_out:
                     # A held connection can die while idle (PgBouncer restarted, its
                     # client_idle_timeout, a NAT timeout): not a down target. Reconnect once.
                     run.failure = None
                     run.outcomes.clear()
                     run.obs.collected.clear()
+                    run.families.clear()
                     await self._drop_connection()
                     conn = await self._ensure_connection(run, deadline)
                     if conn is None:
                         return
                     run.conn = conn
-                    await self._run_collector(run, conn, *COLLECTORS[0])
-                for name, command in COLLECTORS[1:]:
-                    await self._run_collector(run, conn, name, command)
+                    await self._run_collectors(run, conn, EXECUTION_ORDER[:1])
+                await self._run_collectors(run, conn, EXECUTION_ORDER[1:])
                 await self._decide_hold(run, conn)
             finally:
                 if run.timed_out and run.conn is not None and run.conn is self._conn:
@@ -1322,53 +1477,131 @@ class PgBouncerSource:
         if diag.message_primary:
             self._notices.append(diag.message_primary)
 
-    async def _show(
-        self, conn: psycopg.AsyncConnection[TupleRow], command: str
-    ) -> tuple[list[str], list[TupleRow]]:
+    async def _execute(self, conn: psycopg.AsyncConnection[TupleRow], command: str) -> _Answer:
+        """Send one SHOW and wait for its whole result; the rows are loaded by ``_rows`` later."""
+        sent_at = time.perf_counter()
         self.queries_sent += 1
-        async with conn.cursor() as cur:
-            await cur.execute(command, prepare=False)
-            if cur.description is None:  # e.g. SHOW VERSION before 1.12: a NOTICE, no rows
-                return [], []
-            columns = [d.name for d in cur.description]
-            try:
-                return columns, await cur.fetchall()
-            except (ValueError, psycopg.DataError):  # UnicodeDecodeError is a ValueError
-                return columns, _load_rows(cast(psycopg.AsyncClientCursor[TupleRow], cur))
-
-    async def _run_collector(
-        self, run: _Run, conn: psycopg.AsyncConnection[TupleRow], name: str, command: str
-    ) -> None:
-        if run.failure is not None or run.timed_out:
-            reason, detail = run.failure or ("timeout", "the collection ran out of time first")
-            run.outcomes[name] = CollectorOutcome(name, False, 0.0, reason, detail)
-            return
-        started = time.perf_counter()
         self._notices.clear()
+        cursor = conn.cursor()
+        await cursor.execute(command, prepare=False)
+        return _Answer(cursor, list(self._notices), sent_at)
+
+    def _send(self, conn: psycopg.AsyncConnection[TupleRow], command: str) -> asyncio.Task[_Answer]:
+        return asyncio.create_task(self._execute(conn, command), name=f"pgbouncer-show-{self.target}")
+
+    @staticmethod
+    async def _rows(cursor: psycopg.AsyncCursor[TupleRow]) -> tuple[list[str], list[TupleRow]]:
         try:
-            columns, rows = await self._show(conn, command)
-            self._absorb(run.obs, name, columns, rows)
+            if cursor.description is None:  # e.g. SHOW VERSION before 1.12: a NOTICE, no rows
+                return [], []
+            columns = [d.name for d in cursor.description]
+            try:
+                return columns, await cursor.fetchall()
+            except (ValueError, psycopg.DataError):  # UnicodeDecodeError is a ValueError
+                return columns, _load_rows(cast(psycopg.AsyncClientCursor[TupleRow], cursor))
+        finally:
+            await cursor.close()
+
+    async def _run_collectors(
+        self, run: _Run, conn: psycopg.AsyncConnection[TupleRow], collectors: Sequence[tuple[str, str]]
+    ) -> None:
+        """Run ``collectors`` in order, each SHOW sent as soon as the previous result is in.
+
+        While PgBouncer answers the next SHOW, poolwatch loads the previous one's rows and turns
+        them into families (in a worker thread when large): the two costs overlap instead of
+        adding up. One query is outstanding at a time, as the simple query protocol requires.
+        """
+        pending: asyncio.Task[_Answer] | None = None
+        try:
+            for i, (name, command) in enumerate(collectors):
+                if pending is None:
+                    if run.failure is not None or run.timed_out:
+                        reason, detail = run.failure or ("timeout", "the collection ran out of time first")
+                        run.outcomes[name] = CollectorOutcome(name, False, 0.0, reason, detail)
+                        continue
+                    pending = self._send(conn, command)
+                waited_from = time.perf_counter()
+                try:
+                    answer = await pending
+                except psycopg.Error as exc:
+                    pending = None
+                    self._query_failed(run, conn, name, command, exc, waited_from)
+                    continue
+                pending = None
+                if i + 1 < len(collectors) and not run.timed_out and not (conn.closed or conn.broken):
+                    pending = self._send(conn, collectors[i + 1][1])
+                    await asyncio.sleep(0)  # the task puts the query on the wire before we work
+                await self._process(run, conn, name, command, answer)
+        finally:
+            if pending is not None and not pending.done():
+                # cut off mid-pipeline (cancelled): the socket goes, the query with it
+                _shutdown(conn)
+                await asyncio.wait({pending}, timeout=1.0)
+                pending.add_done_callback(_consume)
+                run.failure = run.failure or ("timeout", "the collection was cut off")
+
+    async def _process(
+        self, run: _Run, conn: psycopg.AsyncConnection[TupleRow], name: str, command: str, answer: _Answer
+    ) -> None:
+        try:
+            columns, rows = await self._rows(answer.cursor)
+            if len(rows) > _BIG:
+                # several ms of CPU at thousands of pools: in a thread, so the event loop (the
+                # next SHOW, HTTP, watchers, other targets) keeps getting turns meanwhile
+                await asyncio.to_thread(self._absorb_and_build, run, name, columns, rows, answer.notices)
+            else:
+                self._absorb_and_build(run, name, columns, rows, answer.notices)
         except psycopg.Error as exc:
-            reason, detail = classify_pgbouncer_error(exc, self._password, self._user)
-            if run.timed_out:
-                reason, detail = "timeout", f"{command} did not finish before the collection deadline"
-            if conn.closed or conn.broken:
-                run.failure = (reason, detail)
-            run.outcomes[name] = CollectorOutcome(name, False, time.perf_counter() - started, reason, detail)
+            self._query_failed(run, conn, name, command, exc, answer.sent_at)
             return
         except Exception as exc:  # a parsing bug costs one collector, not the target
             detail = scrub(f"{command}: could not parse the result: {type(exc).__name__}: {exc}")
-            run.outcomes[name] = CollectorOutcome(name, False, time.perf_counter() - started, "query", detail)
+            seconds = time.perf_counter() - answer.sent_at
+            run.outcomes[name] = CollectorOutcome(name, False, seconds, "query", detail)
             return
-        run.obs.collected.add(name)
-        run.outcomes[name] = CollectorOutcome(name, True, time.perf_counter() - started)
+        run.outcomes[name] = CollectorOutcome(name, True, time.perf_counter() - answer.sent_at)
 
-    def _absorb(self, obs: PgBouncerObservation, name: str, columns: list[str], rows: list[TupleRow]) -> None:
+    def _absorb_and_build(
+        self, run: _Run, name: str, columns: list[str], rows: list[TupleRow], notices: list[str]
+    ) -> None:
+        self._absorb(run.obs, name, columns, rows, notices)
+        run.obs.collected.add(name)
+        selection = self._selection(run) if name in _SELECTED else None
+        families = collector_families(name, run.obs, self.target, selection, self._label_cache)
+        if run.render_openmetrics is not None:
+            prerender(families, openmetrics=run.render_openmetrics)
+        run.families[name] = families
+
+    def _query_failed(
+        self,
+        run: _Run,
+        conn: psycopg.AsyncConnection[TupleRow],
+        name: str,
+        command: str,
+        exc: psycopg.Error,
+        started: float,
+    ) -> None:
+        reason, detail = classify_pgbouncer_error(exc, self._password, self._user)
+        if run.timed_out:
+            reason, detail = "timeout", f"{command} did not finish before the collection deadline"
+        if conn.closed or conn.broken:
+            run.failure = (reason, detail)
+        run.outcomes[name] = CollectorOutcome(name, False, time.perf_counter() - started, reason, detail)
+
+    def _absorb(
+        self,
+        obs: PgBouncerObservation,
+        name: str,
+        columns: list[str],
+        rows: list[TupleRow],
+        notices: Sequence[str] | None = None,
+    ) -> None:
         if name == "version":
             text = label_text(rows[0][columns.index("version")]) if rows and "version" in columns else None
             if text is None:
                 # before 1.12 SHOW VERSION answers with a NOTICE (pgbouncer_exporter #51)
-                text = next((n for n in self._notices if _VERSION_RE.search(n)), None)
+                seen = self._notices if notices is None else notices
+                text = next((n for n in seen if _VERSION_RE.search(n)), None)
             if text is None:
                 raise ValueError("SHOW VERSION returned neither a row nor a NOTICE")
             obs.version, obs.version_tuple = text, parse_version(text)
