@@ -799,7 +799,7 @@ def _connection_families(
     counts: list[int] = list(conns.state_counts.values())
     keys, oldest_times = conns.group_keys, conns.oldest_connect_time
     clients = prefix == "clients"
-    extra_values: list[float | None] | list[int] = conns.max_wait_seconds if clients else conns.close_needed
+    extra_values: Sequence[float | None] = conns.max_wait_seconds if clients else conns.close_needed
     if not selection.everything:
         kept = [i for i, (database, user, _) in enumerate(triples) if selection.pool_ok(database, user)]
         triples, counts = [triples[i] for i in kept], [counts[i] for i in kept]
@@ -819,21 +819,33 @@ def _connection_families(
     if keys:
         columns = [[target] * len(keys), *map(list, zip(*keys, strict=True))]
         per_key = _label_table(_DERIVED[oldest_name].labels, columns, oldest_name, label_cache)
+    values: Sequence[float | None]
     for name, values in ((oldest_name, oldest_times), (extra_name, extra_values)):
         if per_key is None:
             break
         d = _DERIVED[name]
+        exponent = 0
         if name == oldest_name:
-            values = [None if t is None else max(0.0, collected_at - t) for t in oldest_times]
+            # whole milliseconds (connect_time has one-second resolution): an integer format,
+            # not a float's repr, per series
+            now_ms = collected_at * 1000
+            values = [None if t is None else max(0, round(now_ms - t * 1000)) for t in oldest_times]
+            exponent = -3
         if None in values:
             kept = [i for i, v in enumerate(values) if v is not None]
             family_labels, values = per_key.take(kept), [values[i] for i in kept]
         else:
             family_labels = per_key
         if values:
-            families.append(
-                ColumnarFamily(_family_name(d.metric, d.kind), d.help, d.kind, family_labels, values)  # type: ignore[arg-type]
+            family = ColumnarFamily(
+                _family_name(d.metric, d.kind),
+                d.help,
+                d.kind,
+                family_labels,
+                cast(Sequence[int | float], values),  # no None left
+                exponent=exponent,
             )
+            families.append(family)
     return families
 
 
