@@ -1051,3 +1051,186 @@ async def test_stopped_server_is_down_with_reason_connect_and_recovers() -> None
     finally:
         await src.close()
         await asyncio.to_thread(_stop_server, server)
+
+
+# --------------------------------------------------------------------------------------------------
+# One statement per collection
+# --------------------------------------------------------------------------------------------------
+
+
+def test_groups_of_oids_without_a_name_merge_like_grouping_by_name() -> None:
+    """Two dropped roles' sessions in one database and state: one group, as pg_stat_activity's
+    usename (NULL for both) would give."""
+
+    def row(usename: str | None, n: int, age: float | None) -> dict[str, Any]:
+        return {**activity_row("app", usename, "web", "idle", n, state_age=age), "collector": ACTIVITY}
+
+    rows = [row(None, 2, 5.0), row("app", 1, 1.0), row(None, 3, None)]
+    parts = split_pg_stat_activity(rows)
+    merged = [r for r in parts[ACTIVITY] if r["usename"] is None]
+    assert len(parts[ACTIVITY]) == 2 and len(merged) == 1
+    assert merged[0]["connections"] == 5 and merged[0]["max_state_age_seconds"] == 5.0
+    named = [row("a", 1, 1.0), row("b", 1, 1.0)]
+    assert split_pg_stat_activity(named)[ACTIVITY] == named  # nothing to merge: as they were
+
+
+def _families_one_sample_at_a_time(obs: PostgresObservation, limit: int) -> list[tuple[Any, ...]]:
+    """The per-group activity families as FamilyBuilder.add built them, sample by sample."""
+    from poolwatch.metrics import gauge
+    from poolwatch.sources.postgres import _fold_applications
+
+    names = ("target", "datname", "usename", "application_name", "state")
+    built = {n: gauge(n, "", names) for n in ("connections", "max_tx", "max_state")}
+    for g in _fold_applications(obs.activity or [], limit):
+        labels = [obs.target, g.datname, g.usename, g.application_name, g.state]
+        built["connections"].add(labels, g.connections)
+        built["max_tx"].add(labels, g.oldest_xact_age_seconds or 0.0)
+        built["max_state"].add(labels, g.max_state_age_seconds)
+    return [[(s.labels, s.value) for s in b.build().samples] for b in built.values()]
+
+
+@pytest.mark.parametrize("limit", [50, 2])
+@pytest.mark.parametrize("collide", [False, True])
+def test_per_group_families_equal_sample_by_sample_building(limit: int, collide: bool) -> None:
+    groups = [
+        ActivityGroup("app", "web", "a", "idle", 3, None, 1.5, 10.0),
+        ActivityGroup("app", "web", "b", "active", 2, 4.0, None, 20.0),
+        ActivityGroup("app", None, "c", None, 1, float("nan"), 0.0, None),
+        ActivityGroup("db2", "web", "a", "idle", 5, 0.0, 7.0, 3.0),
+    ]
+    if collide:  # NULL and "" give one label set: the first one wins
+        groups.append(ActivityGroup("app", "", "c", "", 9, 1.0, 1.0, 1.0))
+    obs = PostgresObservation(target="t", collected_at=NOW, activity=groups, total_client_backends=20)
+    families = {f.name: f for f in observation_families(obs, max_application_names=limit)}
+    got = [
+        [(s.labels, s.value) for s in families[name].samples]
+        for name in (
+            "pg_stat_activity_connections",
+            "pg_stat_activity_max_tx_duration",
+            "pg_stat_activity_max_state_duration_seconds",
+        )
+    ]
+    assert repr(got) == repr(_families_one_sample_at_a_time(obs, limit))
+
+
+async def test_one_statement_answers_what_the_separate_queries_answer(
+    pg_server: Any, admin: asyncpg.Connection
+) -> None:
+    """COLLECTION_SQL's parts equal PG_STAT_ACTIVITY_SQL, SETTINGS_SQL, database_sql() and
+    ROLE_SETTINGS_SQL (in the same order where order matters: the overrides)."""
+    from poolwatch.sources.postgres import (
+        ROLE_SETTINGS_SQL,
+        SETTINGS_SQL,
+        collection_sql,
+        database_sql,
+    )
+
+    await admin.execute(
+        "DROP ROLE IF EXISTS web_a; CREATE ROLE web_a; DROP ROLE IF EXISTS web_b; CREATE ROLE web_b"
+    )
+    await admin.execute(
+        "ALTER ROLE web_b SET statement_timeout = '5s'; ALTER ROLE web_a SET statement_timeout = '1min';"
+        " ALTER ROLE web_a IN DATABASE postgres SET idle_in_transaction_session_timeout = 60000;"
+        " ALTER DATABASE postgres SET statement_timeout = '30s'"
+    )
+    try:
+        async with _sessions(pg_server, 3, application_name="app-a"):
+            version = await admin.fetchval("SELECT current_setting('server_version_num')::int")
+            async with admin.transaction(isolation="repeatable_read"):
+                combined = split_pg_stat_activity(await admin.fetch(collection_sql(version), None))
+                separate = split_pg_stat_activity(await admin.fetch(PG_STAT_ACTIVITY_SQL))
+                separate["settings"] = await admin.fetch(SETTINGS_SQL)
+                separate["database"] = await admin.fetch(database_sql(version))
+                separate["role_settings"] = await admin.fetch(ROLE_SETTINGS_SQL)
+    finally:
+        await admin.execute(
+            "ALTER DATABASE postgres RESET statement_timeout; DROP ROLE web_a; DROP ROLE web_b"
+        )
+    assert len(combined["role_settings"]) == 4
+    for name, rows in separate.items():
+        keys = [
+            k
+            for k in rows[0].keys()  # noqa: SIM118 (a Record iterates values)
+            if k not in ("setting", "client_ports") and not k.endswith("_seconds")
+        ]
+
+        def shape(records: Sequence[Any], keys: list[str] = keys) -> list[tuple[Any, ...]]:
+            return [tuple(r[k] for k in keys) for r in records]
+
+        if name == "role_settings":
+            assert shape(combined[name]) == shape(rows)  # in ORDER BY order
+        else:
+            assert sorted(shape(combined[name]), key=repr) == sorted(shape(rows), key=repr), name
+
+
+class _CountingStatements:
+    """Statements poolwatch's connections send (asyncpg looks the methods up on the class)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sent: list[str] = []
+        for method in ("fetch", "execute", "fetchval", "fetchrow"):
+            original = getattr(asyncpg.Connection, method)
+
+            async def counted(conn: Any, query: str, *args: Any, _original: Any = original, **kw: Any) -> Any:
+                self.sent.append(query)
+                return await _original(conn, query, *args, **kw)
+
+            monkeypatch.setattr(asyncpg.Connection, method, counted)
+
+
+async def test_one_round_trip_per_collection_and_settings_read_when_reloaded(
+    pg_server: Any, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = PostgresSource("pg-rt", pg_server.monitor_dsn(), pg_server.monitor_password, connect_timeout=5)
+    statements = _CountingStatements(monkeypatch)
+    try:
+        first = await src.collect(5)  # a new session: its statement_timeout, then the collection
+        assert first.up and len(statements.sent) == 2
+        for _ in range(3):
+            statements.sent.clear()
+            result = await src.collect(5)
+            # one statement, no SET and no reset on release; settings come from the session's copy
+            assert len(statements.sent) == 1 and statements.sent[0].startswith("WITH ")
+            assert all(o.ok for o in result.outcomes), result.outcomes
+            assert isinstance(result.observation, PostgresObservation)
+            assert result.observation.max_connections == MAX_CONNECTIONS
+            assert result.observation.statement_timeout_seconds == 0.0
+            assert value_of(result.families, "pg_settings_max_connections") == MAX_CONNECTIONS
+        # the session's statement_timeout is the collection's, kept across collections
+        assert (await src._pool.fetchval("SHOW statement_timeout")) == "5s"
+
+        await admin.execute("ALTER SYSTEM SET statement_timeout = '45s'")
+        await admin.execute("SELECT pg_reload_conf()")
+        try:
+            deadline = time.monotonic() + 10
+            seen = None
+            while seen != 45.0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                result = await src.collect(5)
+                assert isinstance(result.observation, PostgresObservation)
+                seen = result.observation.statement_timeout_seconds
+            assert seen == 45.0  # re-read after the session reloaded its configuration
+        finally:
+            await admin.execute("ALTER SYSTEM RESET statement_timeout")
+            await admin.execute("SELECT pg_reload_conf()")
+    finally:
+        await src.close()
+
+
+async def test_a_failing_part_is_reported_by_its_own_collector(
+    pg_server: Any, admin: asyncpg.Connection
+) -> None:
+    """The one statement fails as a whole: the collectors are then asked one by one."""
+    src = PostgresSource("pg-part", pg_server.monitor_dsn(), pg_server.monitor_password, connect_timeout=5)
+    await admin.execute("REVOKE SELECT ON pg_catalog.pg_stat_database FROM PUBLIC")
+    try:
+        result = await src.collect(5)
+    finally:
+        await admin.execute("GRANT SELECT ON pg_catalog.pg_stat_database TO PUBLIC")
+        await src.close()
+    outcomes = {o.collector: o for o in result.outcomes}
+    assert result.up and result.reason == "privilege"
+    assert not outcomes["database"].ok and outcomes["database"].reason == "privilege"
+    assert all(outcomes[name].ok for name in COLLECTORS if name != "database"), outcomes
+    assert value_of(result.families, "pg_settings_max_connections") == MAX_CONNECTIONS
+    assert "pg_stat_database_xact_commit_total" not in family_names(result.families)

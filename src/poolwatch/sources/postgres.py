@@ -69,8 +69,10 @@ from prometheus_client.metrics_core import Metric
 
 from poolwatch.metrics import (
     CollectorOutcome,
+    ColumnarFamily,
     ErrorReason,
     FamilyBuilder,
+    LabelTable,
     SourceResult,
     as_float,
     counter,
@@ -148,55 +150,166 @@ PG16: Final = 160000  # reserved_connections
 _CAN_READ_ALL_STATS = "pg_catalog.pg_has_role(current_user, 'pg_read_all_stats', 'USAGE')"
 
 # One scan of pg_stat_activity for three collectors (activity, wait_events, clients): GROUPING SETS
-# aggregate the same client backends by (datname, usename, application_name, state), by (datname,
-# wait_event_type) and by (client_addr, application_name); ``grouping_set`` says which set a row
-# belongs to (GROUPING() = 0: grouped by that column; a NULL of a grouped column stays a real NULL).
-# Reading the view is most of the cost (a status array copy plus joins per backend), so one scan
-# instead of three; every row carries every column, the unused ones NULL.
-PG_STAT_ACTIVITY_SQL: Final = f"""
-SELECT
-    CASE
-        WHEN GROUPING(usename) = 0 THEN 'activity'
-        WHEN GROUPING(wait_event_type) = 0 THEN 'wait_events'
-        ELSE 'clients'
-    END AS grouping_set,
-    datname,
-    usename,
-    application_name,
-    state,
-    wait_event_type,
-    pg_catalog.host(client_addr) AS client_addr,
-    count(*)::int8 AS connections,
-    extract(epoch FROM clock_timestamp() - min(xact_start))::float8 AS oldest_xact_age_seconds,
-    extract(epoch FROM clock_timestamp() - min(state_change))::float8 AS max_state_age_seconds,
-    extract(epoch FROM clock_timestamp() - min(backend_start))::float8 AS oldest_backend_age_seconds,
-    array_agg(client_port) FILTER (WHERE client_port > 0) AS client_ports,
-    {_CAN_READ_ALL_STATS} AS can_read_all_stats,
-    current_user::text AS role_name
-FROM pg_catalog.pg_stat_activity
-WHERE backend_type = 'client backend'
-GROUP BY GROUPING SETS (
-    (datname, usename, application_name, state),
-    (datname, wait_event_type),
-    (client_addr, application_name)
-)
-"""
+# aggregate the same client backends by (database, role, application_name, state), by (database,
+# wait_event_type) and by (client_addr, application_name); ``collector`` says which set a row belongs
+# to (GROUPING() = 0: grouped by that column; a NULL of a grouped column stays a real NULL).
+# Reading the backends is most of the cost, so one scan instead of three. The view pg_stat_activity
+# is pg_stat_get_activity() joined with pg_database and pg_authid once per backend (a nested loop:
+# the planner expects one row from the function); here the function is aggregated by database and
+# role OID first and the names are joined to the few hundred groups, which makes the query about a
+# third cheaper at 1,000 backends. Same groups: a name belongs to one OID, and the rare OIDs without
+# a name (a role dropped while its sessions live on) are merged in Python (``_merge_unnamed``).
+# Every row carries every column, the unused ones NULL; the client ports only on the clients rows.
+_ACTIVITY_CTE: Final = """
+activity_groups AS (
+    SELECT
+        GROUPING(usesysid) AS by_role,
+        GROUPING(wait_event_type) AS by_wait,
+        datid,
+        usesysid,
+        application_name,
+        state,
+        wait_event_type,
+        client_addr,
+        count(*) AS connections,
+        min(xact_start) AS xact_start,
+        min(state_change) AS state_change,
+        min(backend_start) AS backend_start,
+        CASE WHEN GROUPING(client_addr) = 0 THEN
+            array_agg(client_port) FILTER (WHERE client_port > 0)
+        END AS client_ports
+    FROM pg_catalog.pg_stat_get_activity(NULL)
+    WHERE backend_type = 'client backend'
+    GROUP BY GROUPING SETS (
+        (datid, usesysid, application_name, state),
+        (datid, wait_event_type),
+        (client_addr, application_name)
+    )
+)"""
 
-#: the collectors whose rows PG_STAT_ACTIVITY_SQL returns, by its ``grouping_set`` column
+#: the columns of every row of COLLECTION_SQL (name, type), in order; PG_STAT_ACTIVITY_SQL returns
+#: the first 14 of them
+_COLUMNS: Final = (
+    ("collector", "text"),
+    # activity, wait_events, clients
+    ("datname", "text"),
+    ("usename", "text"),
+    ("application_name", "text"),
+    ("state", "text"),
+    ("wait_event_type", "text"),
+    ("client_addr", "text"),
+    ("connections", "int8"),
+    ("oldest_xact_age_seconds", "float8"),
+    ("max_state_age_seconds", "float8"),
+    ("oldest_backend_age_seconds", "float8"),
+    ("client_ports", "int4[]"),
+    ("can_read_all_stats", "bool"),
+    ("role_name", "text"),
+    # settings (and role_name)
+    ("name", "text"),
+    ("unit", "text"),
+    ("reset_val", "text"),
+    ("database_name", "text"),
+    ("conf_load_time", "timestamptz"),
+    # database (and datname)
+    ("numbackends", "int8"),
+    ("xact_commit", "int8"),
+    ("xact_rollback", "int8"),
+    ("sessions", "int8"),
+    ("sessions_abandoned", "int8"),
+    ("sessions_fatal", "int8"),
+    ("sessions_killed", "int8"),
+    ("session_time", "float8"),
+    ("active_time", "float8"),
+    ("idle_in_transaction_time", "float8"),
+    # role_settings (and datname, name)
+    ("rolname", "text"),
+    ("value", "text"),
+)
+_ACTIVITY_COLUMNS: Final = 14
+
+
+def _select(values: Mapping[str, str], width: int = len(_COLUMNS)) -> str:
+    """A SELECT list of the first ``width`` columns of ``_COLUMNS``: ``values`` or NULL, each cast
+    to the column's type so every branch of the UNION has the same row type."""
+    return ",\n    ".join(f"({values.get(name, 'NULL')})::{typ} AS {name}" for name, typ in _COLUMNS[:width])
+
+
+_ACTIVITY_VALUES: Final = {
+    "collector": "CASE WHEN g.by_role = 0 THEN 'activity' WHEN g.by_wait = 0 THEN 'wait_events' "
+    "ELSE 'clients' END",
+    "datname": "d.datname",
+    "usename": "r.rolname",
+    "application_name": "g.application_name",
+    "state": "g.state",
+    "wait_event_type": "g.wait_event_type",
+    "client_addr": "pg_catalog.host(g.client_addr)",
+    "connections": "g.connections",
+    "oldest_xact_age_seconds": "extract(epoch FROM clock_timestamp() - g.xact_start)",
+    "max_state_age_seconds": "extract(epoch FROM clock_timestamp() - g.state_change)",
+    "oldest_backend_age_seconds": "extract(epoch FROM clock_timestamp() - g.backend_start)",
+    "client_ports": "g.client_ports",
+    # a scalar subquery: evaluated once, not once per group
+    "can_read_all_stats": f"SELECT {_CAN_READ_ALL_STATS}",
+    "role_name": "current_user",
+}
+_ACTIVITY_FROM: Final = """
+FROM activity_groups g
+LEFT JOIN pg_catalog.pg_database d ON d.oid = g.datid
+LEFT JOIN pg_catalog.pg_roles r ON r.oid = g.usesysid"""
+
+PG_STAT_ACTIVITY_SQL: Final = (
+    f"WITH {_ACTIVITY_CTE}\nSELECT\n    {_select(_ACTIVITY_VALUES, _ACTIVITY_COLUMNS)}{_ACTIVITY_FROM}\n"
+)
+
+#: the collectors whose rows PG_STAT_ACTIVITY_SQL returns, by its ``collector`` column
 PG_STAT_ACTIVITY_COLLECTORS: Final = (ACTIVITY, WAIT_EVENTS, CLIENTS)
+
+#: (name columns, the label columns that identify a group) per grouping set with joined names
+_NAMED_GROUPS: Final = {
+    ACTIVITY: (("datname", "usename"), ("datname", "usename", "application_name", "state")),
+    WAIT_EVENTS: (("datname",), ("datname", "wait_event_type")),
+}
+_AGES: Final = ("oldest_xact_age_seconds", "max_state_age_seconds", "oldest_backend_age_seconds")
 
 
 def split_pg_stat_activity(rows: Sequence[Row]) -> dict[str, list[Row]]:
-    """PG_STAT_ACTIVITY_SQL's rows → the activity, wait_events and clients rows, by grouping set."""
+    """PG_STAT_ACTIVITY_SQL's (or COLLECTION_SQL's) rows → rows per collector."""
     parts: dict[str, list[Row]] = {name: [] for name in PG_STAT_ACTIVITY_COLLECTORS}
     for row in rows:
-        parts[row["grouping_set"]].append(row)
+        parts.setdefault(row["collector"], []).append(row)
+    for collector, (names, key) in _NAMED_GROUPS.items():
+        parts[collector] = _merge_unnamed(parts[collector], names, key)
     return parts
+
+
+def _merge_unnamed(rows: list[Row], names: Sequence[str], key: Sequence[str]) -> list[Row]:
+    """Groups whose database or role OID has no name any more (a role dropped while its sessions
+    live on) all have a NULL name: merge those that now share their label values, as grouping by
+    name (pg_stat_activity's columns) would have. Nothing to do, and no cost, without a NULL name."""
+    if not any(row[name] is None for row in rows for name in names):
+        return rows
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        label = tuple(row[k] for k in key)
+        into = merged.get(label)
+        if into is None:
+            merged[label] = dict(row.items())
+            continue
+        into["connections"] += row["connections"]
+        for age in _AGES:
+            present = [a for a in (into[age], row[age]) if a is not None]
+            into[age] = max(present) if present else None
+    return rows if len(merged) == len(rows) else list(merged.values())
 
 
 # reset_val, not setting: poolwatch SETs its own statement_timeout on its session, which changes
 # `setting` but not `reset_val` (what a fresh session of this role/database starts with).
-SETTINGS_SQL: Final = """
+_SETTING_NAMES: Final = (
+    "'server_version_num', 'max_connections', 'superuser_reserved_connections',\n"
+    "               'reserved_connections', 'statement_timeout', 'idle_in_transaction_session_timeout'"
+)
+SETTINGS_SQL: Final = f"""
 SELECT
     name,
     setting,
@@ -205,8 +318,7 @@ SELECT
     current_user::text AS role_name,
     current_database()::text AS database_name
 FROM pg_catalog.pg_settings
-WHERE name IN ('server_version_num', 'max_connections', 'superuser_reserved_connections',
-               'reserved_connections', 'statement_timeout', 'idle_in_transaction_session_timeout')
+WHERE name IN ({_SETTING_NAMES})
 """
 
 # pg_db_role_setting is readable by every role (unlike pg_authid). setdatabase/setrole = 0 means
@@ -250,6 +362,83 @@ DATABASE_SQL_PRE14: Final = _DATABASE_SQL_TEMPLATE.format(
 
 def database_sql(server_version_num: int) -> str:
     return DATABASE_SQL_14 if server_version_num >= PG14 else DATABASE_SQL_PRE14
+
+
+# Every collector in one statement (one round trip instead of four): the activity groups and the
+# rows of SETTINGS_SQL, database_sql() and ROLE_SETTINGS_SQL, told apart by ``collector``.
+#
+# The settings part reads only when they may have changed: $1 is the pg_conf_load_time() of the
+# settings this session last returned (NULL: none yet). What it reports (reset_val, units,
+# max_connections, the version, the session's role and database) is fixed for a session except
+# when the session re-reads the configuration files, and pg_conf_load_time() is then "the time when
+# the session itself re-read the configuration files". The condition has no column in it, so
+# PostgreSQL evaluates it once, before reading pg_settings (computing every GUC's row was a third
+# of this statement's cost at 1,000 backends). PostgresSource keeps the rows per session.
+_SETTINGS_VALUES: Final = {
+    "collector": "'settings'",
+    "name": "name",
+    "unit": "unit",
+    "reset_val": "reset_val",
+    "role_name": "current_user",
+    "database_name": "current_database()",
+    "conf_load_time": "pg_catalog.pg_conf_load_time()",
+}
+_DATABASE_VALUES_14: Final = {
+    "sessions": "sessions",
+    "sessions_abandoned": "sessions_abandoned",
+    "sessions_fatal": "sessions_fatal",
+    "sessions_killed": "sessions_killed",
+    "session_time": "session_time",
+    "active_time": "active_time",
+    "idle_in_transaction_time": "idle_in_transaction_time",
+}
+
+
+def _collection_sql(session_counters: bool) -> str:
+    database_values = {
+        "collector": "'database'",
+        "datname": "datname",
+        "numbackends": "numbackends",
+        "xact_commit": "xact_commit",
+        "xact_rollback": "xact_rollback",
+        # absent before 14: NULL, so "unknown" survives parsing instead of becoming 0
+        **(_DATABASE_VALUES_14 if session_counters else {}),
+    }
+    role_values = {
+        "collector": "'role_settings'",
+        "datname": "rs.datname",
+        "rolname": "rs.rolname",
+        "name": "rs.name",
+        "value": "rs.value",
+    }
+    return f"""WITH {_ACTIVITY_CTE}
+SELECT
+    {_select(_ACTIVITY_VALUES)}{_ACTIVITY_FROM}
+UNION ALL
+SELECT
+    {_select(_SETTINGS_VALUES)}
+FROM pg_catalog.pg_settings
+WHERE name IN ({_SETTING_NAMES})
+  AND pg_catalog.pg_conf_load_time() IS DISTINCT FROM $1::timestamptz
+UNION ALL
+SELECT
+    {_select(database_values)}
+FROM pg_catalog.pg_stat_database
+WHERE datname IS NOT NULL
+UNION ALL
+SELECT
+    {_select(role_values)}
+FROM ({ROLE_SETTINGS_SQL}) rs
+"""
+
+
+COLLECTION_SQL_14: Final = _collection_sql(session_counters=True)
+COLLECTION_SQL_PRE14: Final = _collection_sql(session_counters=False)
+
+
+def collection_sql(server_version_num: int) -> str:
+    """The statement that answers every collector, for this server version (see above)."""
+    return COLLECTION_SQL_14 if server_version_num >= PG14 else COLLECTION_SQL_PRE14
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,6 +672,28 @@ def _str_or_none(value: object) -> str | None:
     return None if value is None else str(value)
 
 
+_TEXT_TYPES: Final = frozenset({str, type(None)})
+
+
+def _texts(values: list[Any]) -> list[str | None]:
+    """``_str_or_none`` of each value; text and NULL (what the driver hands over) pass as they are."""
+    if set(map(type, values)) <= _TEXT_TYPES:
+        return values
+    return [_str_or_none(v) for v in values]
+
+
+def _ints(values: list[Any]) -> list[int]:
+    """``int`` of each value; ints pass as they are."""
+    if set(map(type, values)) <= {int}:
+        return values
+    return [int(v) for v in values]
+
+
+def _ages(values: list[Any]) -> list[float | None]:
+    """``_age`` of each value; a positive float (almost every one) is its own age."""
+    return [v if v.__class__ is float and v > 0.0 else _age(v) for v in values]
+
+
 @dataclass(slots=True)
 class _Settings:
     values: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # name → (reset_val, unit)
@@ -575,26 +786,31 @@ def build_observation(
         if obs.role is None and activity_rows:
             obs.role = _str_or_none(activity_rows[0]["role_name"])
         if obs.can_read_all_stats:
-            obs.activity = [
-                ActivityGroup(
-                    datname=_str_or_none(row["datname"]),
-                    usename=_str_or_none(row["usename"]),
-                    application_name=_str_or_none(row["application_name"]),
-                    state=_str_or_none(row["state"]),
-                    connections=int(row["connections"]),
-                    oldest_xact_age_seconds=_age(row["oldest_xact_age_seconds"]),
-                    max_state_age_seconds=_age(row["max_state_age_seconds"]),
-                    oldest_backend_age_seconds=_age(row["oldest_backend_age_seconds"]),
+            # column by column: a few C-level passes instead of eight conversions per group
+            rows = activity_rows
+            apps = _texts([row["application_name"] for row in rows])
+            connections = _ints([row["connections"] for row in rows])
+            backend_ages = _ages([row["oldest_backend_age_seconds"] for row in rows])
+            obs.activity = list(
+                map(
+                    ActivityGroup,
+                    _texts([row["datname"] for row in rows]),
+                    _texts([row["usename"] for row in rows]),
+                    apps,
+                    _texts([row["state"] for row in rows]),
+                    connections,
+                    _ages([row["oldest_xact_age_seconds"] for row in rows]),
+                    _ages([row["max_state_age_seconds"] for row in rows]),
+                    backend_ages,
                 )
-                for row in activity_rows
-            ]
-            obs.total_client_backends = sum(g.connections for g in obs.activity)
+            )
+            obs.total_client_backends = sum(connections)
             oldest: dict[str, float] = {}
-            for group in obs.activity:
-                if group.oldest_backend_age_seconds is None:
+            for app, age in zip(apps, backend_ages, strict=True):
+                if age is None:
                     continue
-                app = group.application_name or ""
-                oldest[app] = max(oldest.get(app, 0.0), group.oldest_backend_age_seconds)
+                app = app or ""
+                oldest[app] = max(oldest.get(app, 0.0), age)
             obs.oldest_backend_age_by_application = oldest
 
     if wait_event_rows is not None and _privileged(wait_event_rows):
@@ -697,7 +913,7 @@ def _fold_applications(groups: Sequence[ActivityGroup], limit: int) -> list[Acti
 
 def _activity_families(
     obs: PostgresObservation, target: str, max_application_names: int
-) -> list[FamilyBuilder]:
+) -> list[FamilyBuilder | ColumnarFamily]:
     count = gauge(
         "pg_stat_activity_count",
         "Client backends per database and state (postgres_exporter compatible; standard states "
@@ -726,7 +942,7 @@ def _activity_families(
         "Age in seconds of the oldest client connection per database, role and application_name",
         ["target", "datname", "usename", "application_name"],
     )
-    builders = [count, connections, max_tx, max_state, oldest_backend]
+    builders: list[FamilyBuilder | ColumnarFamily] = [count, connections, max_tx, max_state, oldest_backend]
     if obs.activity is None:
         return builders
 
@@ -741,18 +957,51 @@ def _activity_families(
     for (datname, state), n in sorted(per_state.items()):
         count.add([target, datname, state], n)
 
+    groups = _fold_applications(obs.activity, max_application_names)
+    keys = [
+        (target, g.datname or "", g.usename or "", g.application_name or "", g.state or "") for g in groups
+    ]
     oldest_per_app: dict[tuple[str, str, str], float] = {}
-    for g in _fold_applications(obs.activity, max_application_names):
-        labels = [target, g.datname, g.usename, g.application_name, g.state]
-        connections.add(labels, g.connections)
-        max_tx.add(labels, g.oldest_xact_age_seconds or 0.0)
-        max_state.add(labels, g.max_state_age_seconds)
+    for g, key in zip(groups, keys, strict=True):
         if g.oldest_backend_age_seconds is not None:
-            key = (g.datname or "", g.usename or "", g.application_name or "")
-            oldest_per_app[key] = max(oldest_per_app.get(key, 0.0), g.oldest_backend_age_seconds)
+            app_key = key[1:4]
+            oldest_per_app[app_key] = max(oldest_per_app.get(app_key, 0.0), g.oldest_backend_age_seconds)
     for (datname, usename, app), age in oldest_per_app.items():
-        oldest_backend.add([target, datname, usename, app], age)
-    return builders
+        oldest_backend.add_prepared((target, datname, usename, app), age)
+    if len(set(keys)) < len(keys):
+        # label sets that coincide (e.g. NULL and "" both mean ""): the builders keep the first
+        for g, labels in zip(groups, keys, strict=True):
+            connections.add(labels, g.connections)
+            max_tx.add(labels, g.oldest_xact_age_seconds or 0.0)
+            max_state.add(labels, g.max_state_age_seconds)
+        return builders
+    # One label table for the three per-group families: its label text is made once, not three
+    # times, and no per-sample call is made.
+    table = LabelTable(_ACTIVITY_LABELS, [list(column) for column in zip(*keys, strict=True)], len(keys))
+    return [
+        count,
+        _columnar(connections, table, [g.connections for g in groups]),
+        _columnar(max_tx, table, [g.oldest_xact_age_seconds or 0.0 for g in groups]),
+        _columnar(max_state, table, [g.max_state_age_seconds for g in groups]),
+        oldest_backend,
+    ]
+
+
+def _columnar(builder: FamilyBuilder, labels: LabelTable, values: list[Any]) -> ColumnarFamily:
+    """The family ``builder`` would build from these unique label sets and values: a value that is
+    not a number (None, NaN) gives no sample, as ``FamilyBuilder.add`` skips it."""
+    numbers: list[Any] = values
+    kept: list[int] | None = None
+    if not (set(map(type, values)) <= {int, float} and all(v == v for v in values)):  # NaN != NaN
+        kept, numbers = [], []
+        for i, value in enumerate(values):
+            plain = type(value) is int or type(value) is float
+            number = (value if value == value else None) if plain else as_float(value)
+            if number is not None:
+                kept.append(i)
+                numbers.append(number)
+    table = labels if kept is None else labels.take(kept)
+    return ColumnarFamily(builder.name, builder.documentation, builder.kind, table, numbers)
 
 
 def _database_families(obs: PostgresObservation, target: str) -> list[FamilyBuilder]:
@@ -832,7 +1081,7 @@ def observation_families(
         builder.add([target], value)
         return builder
 
-    builders: list[FamilyBuilder] = [
+    builders: list[FamilyBuilder | ColumnarFamily] = [
         single(
             "pg_settings_server_version_num",
             "Server version as an integer (e.g. 150004)",
@@ -883,7 +1132,12 @@ def observation_families(
         wait.add([target, w.datname, w.wait_event_type], w.connections)
     builders.append(wait)
     builders += _database_families(obs, target)
-    return [b.build() for b in builders if len(b)]
+    # families with no samples are left out
+    return [
+        b.build() if isinstance(b, FamilyBuilder) else b
+        for b in builders
+        if (len(b) if isinstance(b, FamilyBuilder) else len(b.values))
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1060,6 +1314,29 @@ _STALE_SESSION_ERRORS: Final = (
 )
 
 
+_SET_STATEMENT_TIMEOUT: Final = "SELECT pg_catalog.set_config('statement_timeout', $1, false)"
+
+
+@dataclass(slots=True)
+class _Session:
+    """What PostgresSource knows about one pooled server session."""
+
+    #: the statement_timeout set on it (ms)
+    statement_timeout_ms: int
+    #: its pg_conf_load_time() when it last returned its settings rows, and those rows
+    conf_load_time: datetime | None = None
+    settings_rows: list[Row] | None = None
+
+
+async def _keep_session(conn: Any) -> None:
+    """The pool's reset when a connection is handed back: nothing to undo.
+
+    asyncpg's default runs ``RESET ALL; CLOSE ALL; UNLISTEN *; pg_advisory_unlock_all()`` (a round
+    trip per collection). poolwatch's sessions only run SELECTs and keep their statement_timeout on
+    purpose; an open transaction is still rolled back by the pool before this is called.
+    """
+
+
 def _terminate(conn: Any) -> None:
     """Drop a pooled connection, never raising: when asyncpg has already seen the connection die it
     has returned it to the pool itself, and terminate() on the proxy would raise an InterfaceError
@@ -1138,6 +1415,10 @@ class PostgresSource:
         self._pool_lock = asyncio.Lock()
         self._inflight: asyncio.Task[SourceResult] | None = None
         self._closed = False
+        #: per server session (backend pid) of the pool: its statement_timeout and settings rows
+        self._sessions: dict[int, _Session] = {}
+        #: the statement_timeout (ms) the last collection asked for: new sessions start with it
+        self._statement_timeout_ms: int | None = None
 
     def __repr__(self) -> str:
         return f"PostgresSource(target={self.target!r}, dsn={self._where!r})"
@@ -1215,6 +1496,8 @@ class PostgresSource:
                 max_size=self._pool_max_size,
                 timeout=self._connect_timeout,  # asyncpg's connect timeout
                 server_settings={"application_name": POOLWATCH_APPLICATION_NAME},
+                init=self._init_session,
+                reset=_keep_session,
             )
             await pool  # with min_size=0 this opens no connection
             self._pool = pool
@@ -1233,8 +1516,30 @@ class PostgresSource:
                 pass
         pool.terminate()
 
+    async def _init_session(self, conn: Any) -> None:
+        """A new pooled session: bounded by the collections' statement_timeout from the start.
+
+        Session-level (not in the startup packet) so pg_settings.reset_val still shows the real
+        default. The session keeps it: the pool's reset (``_keep_session``) no longer runs RESET
+        ALL, so a collection needs no SET of its own (one round trip less each time).
+        """
+        pid = conn.get_server_pid()
+        if len(self._sessions) > 2 * self._pool_max_size + 2:
+            self._sessions.clear()  # ended sessions; a live one just sets its timeout again
+        # a new session may have the pid of an ended one: never inherit what that one had
+        self._sessions.pop(pid, None)
+        if self._statement_timeout_ms is not None:  # else a probe opened it: the collection sets it
+            await conn.execute(_SET_STATEMENT_TIMEOUT, f"{self._statement_timeout_ms}ms")
+            self._sessions[pid] = _Session(self._statement_timeout_ms)
+
     def _plan(self, server_version_num: int) -> list[tuple[str, str]]:
-        """(collector, SQL) in execution order. Tests override this to inject a slow query."""
+        """(collector, SQL) in execution order: one statement for every collector. Tests override
+        this to inject a slow query."""
+        return [(ACTIVITY, collection_sql(server_version_num))]
+
+    def _fallback_plan(self, server_version_num: int) -> list[tuple[str, str]]:
+        """One statement per collector, for when the combined one failed: each failure is then
+        reported by the collector it belongs to, and the others still answer."""
         return [
             # activity, wait_events and clients from one pg_stat_activity scan
             (ACTIVITY, PG_STAT_ACTIVITY_SQL),
@@ -1242,6 +1547,15 @@ class PostgresSource:
             (DATABASE, database_sql(server_version_num)),
             (ROLE_SETTINGS, ROLE_SETTINGS_SQL),
         ]
+
+    @staticmethod
+    def _covers(collector: str, sql: str) -> tuple[str, ...]:
+        """The collectors one statement answers (its first one carries the statement's time)."""
+        if sql in (COLLECTION_SQL_14, COLLECTION_SQL_PRE14):
+            return COLLECTORS
+        if sql == PG_STAT_ACTIVITY_SQL:
+            return PG_STAT_ACTIVITY_COLLECTORS
+        return (collector,)
 
     async def _collect(self, timeout: float) -> SourceResult:
         started = time.monotonic()
@@ -1252,12 +1566,15 @@ class PostgresSource:
         failure: tuple[ErrorReason, str] | None = None  # what stopped the collection early
         connected = False
         current: list[tuple[str, float]] = []  # (collector, start) running when a timeout fires
+        # Server-side bound for every query: a query the client gave up on dies on the server too.
+        statement_timeout_ms = max(1, math.ceil(timeout * 1000))
 
         try:
             if self._dsn_error is not None:
                 raise _Aborted("config", f"target {self.target}: {self._dsn_error}")
             async with asyncio.timeout(timeout):
                 pool = await self._get_pool()
+                self._statement_timeout_ms = statement_timeout_ms
                 attempts = self._pool_max_size + 1  # every idle pooled session may be stale
                 for attempt in range(1, attempts + 1):
                     try:
@@ -1267,15 +1584,19 @@ class PostgresSource:
                             *classify_connect_error(exc, self._where, self._connect_timeout)
                         ) from exc
                     connected = True
+                    answered = False  # whether this pooled session has answered a statement yet
                     try:
-                        # Server-side bound for every query of this collection. Session-level (not
-                        # in the startup packet) so pg_settings.reset_val still shows the real
-                        # default; asyncpg's RESET ALL on release drops it again.
-                        statement_timeout_ms = max(1, math.ceil(timeout * 1000))
-                        await conn.execute(
-                            "SELECT pg_catalog.set_config('statement_timeout', $1, false)",
-                            f"{statement_timeout_ms}ms",
-                        )
+                        session = self._sessions.get(conn.get_server_pid())
+                        if session is None or session.statement_timeout_ms != statement_timeout_ms:
+                            # a session opened by a probe, or a collection asking for another timeout
+                            await conn.execute(_SET_STATEMENT_TIMEOUT, f"{statement_timeout_ms}ms")
+                            answered = True
+                            session = _Session(statement_timeout_ms)
+                            self._sessions[conn.get_server_pid()] = session
+                        version = _server_version_num(conn)
+                        plan = self._plan(version or 0)
+                        # The first statement a pooled session gets tells whether it is still there.
+                        ok = await self._run(conn, session, *plan[0], rows, outcomes, current, not answered)
                         break
                     except _STALE_SESSION_ERRORS as exc:
                         # A pooled session that ended while idle (terminated by an administrator,
@@ -1283,6 +1604,9 @@ class PostgresSource:
                         # not a down server. Discard it and try the next one.
                         _terminate(conn)
                         await pool.release(conn)
+                        if answered:  # it was there a moment ago: not a stale session
+                            raise
+                        current.clear()
                         if attempt == attempts:
                             detail = f"connection to {self._where} lost: {_one_line(exc)}"
                             raise _Aborted("connect", detail) from exc
@@ -1290,45 +1614,19 @@ class PostgresSource:
                         _terminate(conn)
                         await pool.release(conn)
                         raise
+                # the loop above either broke out with a session or raised
+                assert session is not None
                 try:
-                    version = _server_version_num(conn)
-                    for collector, sql in self._plan(version or 0):
-                        # one query may answer several collectors (PG_STAT_ACTIVITY_SQL); the first
-                        # carries the query's time, the others 0
-                        covered = PG_STAT_ACTIVITY_COLLECTORS if sql == PG_STAT_ACTIVITY_SQL else (collector,)
-                        t0 = time.monotonic()
-                        current[:] = [(collector, t0)]
-                        try:
-                            result = await conn.fetch(sql)
-                        except asyncpg.PostgresError as exc:
-                            reason, detail = classify_query_error(exc, collector)
-                            for name in covered:
-                                outcomes[name] = CollectorOutcome(
-                                    name, False, time.monotonic() - t0, reason, self._scrub(detail)
-                                )
-                            if conn.is_closed() or reason == "connect":
-                                raise _Aborted("connect", self._scrub(detail)) from exc
-                            continue
-                        except (OSError, asyncpg.exceptions.InterfaceError) as exc:
-                            reason, detail = classify_query_error(exc, collector)
-                            for name in covered:
-                                outcomes[name] = CollectorOutcome(
-                                    name, False, time.monotonic() - t0, reason, self._scrub(detail)
-                                )
-                            raise _Aborted(reason, self._scrub(detail)) from exc
-                        seconds = time.monotonic() - t0
-                        if len(covered) > 1:
-                            rows.update(split_pg_stat_activity(result))
-                        else:
-                            rows[collector] = list(result)
-                        for name in covered:
-                            outcomes[name] = CollectorOutcome(
-                                name, True, seconds if name == collector else 0.0
-                            )
+                    steps = plan[1:]
+                    if not ok and len(self._covers(*plan[0])) > 1:
+                        # the combined statement failed: ask collector by collector which one fails
+                        steps = [*self._fallback_plan(version or 0), *steps]
+                    for collector, sql in steps:
+                        await self._run(conn, session, collector, sql, rows, outcomes, current, False)
                     current.clear()
                 except BaseException:
                     # Timeout, cancellation or a dead socket: the connection may be mid-query. Drop
-                    # it instead of resetting it (statement_timeout ends the query server-side).
+                    # it instead of handing it back (statement_timeout ends the query server-side).
                     _terminate(conn)
                     raise
                 finally:
@@ -1342,8 +1640,7 @@ class PostgresSource:
                 )
             else:
                 failure = ("timeout", f"collection did not finish within {timeout:g}s")
-                if current:
-                    name, t0 = current[0]
+                for name, t0 in current:
                     outcomes[name] = CollectorOutcome(
                         name,
                         False,
@@ -1370,6 +1667,68 @@ class PostgresSource:
                 await self._pool.expire_connections()
 
         return self._result(collected_at, started, version, rows, outcomes, failure)
+
+    async def _run(
+        self,
+        conn: Any,
+        session: _Session,
+        collector: str,
+        sql: str,
+        rows: dict[str, list[Any]],
+        outcomes: dict[str, CollectorOutcome],
+        current: list[tuple[str, float]],
+        first: bool,
+    ) -> bool:
+        """Run one statement of the plan into ``rows`` and ``outcomes``; False when it failed.
+
+        Raises _Aborted when the connection is unusable; with ``first`` (nothing has come back on
+        this pooled session yet) a lost session raises as it is, for the caller to try another.
+        """
+        covered = self._covers(collector, sql)
+        combined = covered == COLLECTORS
+        t0 = time.monotonic()
+        current[:] = [(name, t0) for name in covered]
+        try:
+            # the combined statement's $1: when this session last read its settings
+            args = (session.conf_load_time,) if combined else ()
+            result = await conn.fetch(sql, *args)
+        except asyncpg.PostgresError as exc:
+            reason, detail = classify_query_error(exc, collector)
+            for name in covered:
+                outcomes[name] = CollectorOutcome(
+                    name, False, time.monotonic() - t0, reason, self._scrub(detail)
+                )
+            if conn.is_closed() or reason == "connect":
+                raise _Aborted("connect", self._scrub(detail)) from exc
+            return False
+        except (OSError, asyncpg.exceptions.InterfaceError) as exc:
+            if first and isinstance(exc, _STALE_SESSION_ERRORS):
+                raise
+            reason, detail = classify_query_error(exc, collector)
+            for name in covered:
+                outcomes[name] = CollectorOutcome(
+                    name, False, time.monotonic() - t0, reason, self._scrub(detail)
+                )
+            raise _Aborted(reason, self._scrub(detail)) from exc
+        seconds = time.monotonic() - t0
+        if combined:
+            parts = split_pg_stat_activity(result)
+            settings = parts.get(SETTINGS)
+            if settings:
+                session.settings_rows = settings
+                session.conf_load_time = settings[0]["conf_load_time"]
+            else:  # unchanged since this session last read them
+                settings = session.settings_rows
+            for name in COLLECTORS:
+                rows[name] = parts.get(name, [])
+            rows[SETTINGS] = list(settings or ())
+        elif len(covered) > 1:
+            rows.update(split_pg_stat_activity(result))
+        else:
+            rows[collector] = list(result)
+        for name in covered:
+            outcomes[name] = CollectorOutcome(name, True, seconds if name == collector else 0.0)
+        return True
 
     def _result(
         self,
