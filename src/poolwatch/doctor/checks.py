@@ -18,7 +18,7 @@ from operator import itemgetter, not_
 from typing import Any, TypeVar, cast
 
 from poolwatch.config import DoctorThresholds
-from poolwatch.doctor.facts import Facts, PgBouncerFacts, PostgresFacts, columns
+from poolwatch.doctor.facts import ActivityRow, Facts, PgBouncerFacts, PostgresFacts, columns
 from poolwatch.doctor.model import Finding, Status
 
 SEED = "seed-pooling-patterns.md"
@@ -1182,6 +1182,10 @@ def connection_growth(check: Check, pg: PostgresFacts, t: DoctorThresholds, fact
     return _finding(check, pg.target, Status.OK, f"{slots}; {trend}", evidence=evidence, value=ratio)
 
 
+def _where(row: ActivityRow) -> str:
+    return f"{row.usename}@{row.datname}, {_app_label(row.application_name)}"
+
+
 def long_transactions(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pg.up:
         return _down(check, pg.target, pg.down_detail)
@@ -1193,13 +1197,12 @@ def long_transactions(check: Check, pg: PostgresFacts, t: DoctorThresholds, fact
     for row in pg.activity:
         if _own(row.application_name):
             continue
-        label = f"{row.usename}@{row.datname}, {_app_label(row.application_name)}"
         if row.oldest_xact_age is not None and row.oldest_xact_age > oldest_xact:
-            oldest_xact, where_xact = row.oldest_xact_age, label
+            oldest_xact, where_xact = row.oldest_xact_age, _where(row)
         if row.state.startswith("idle in transaction"):
             idle_count += row.count
             if row.max_state_age is not None and row.max_state_age > idle_tx:
-                idle_tx, where_idle = row.max_state_age, label
+                idle_tx, where_idle = row.max_state_age, _where(row)
     evidence = {
         "oldest_transaction_seconds": round(oldest_xact, 1),
         "oldest_transaction_by": where_xact or "-",
