@@ -1004,7 +1004,7 @@ def _columnar(builder: FamilyBuilder, labels: LabelTable, values: list[Any]) -> 
     return ColumnarFamily(builder.name, builder.documentation, builder.kind, table, numbers)
 
 
-def _database_families(obs: PostgresObservation, target: str) -> list[FamilyBuilder]:
+def _database_families(obs: PostgresObservation, target: str) -> list[FamilyBuilder | ColumnarFamily]:
     labels = ["target", "datname"]
     numbackends = gauge(
         "pg_stat_database_numbackends",
@@ -1038,7 +1038,7 @@ def _database_families(obs: PostgresObservation, target: str) -> list[FamilyBuil
         "Time spent idle in transaction in this database (PG14+)",
         labels,
     )
-    builders = [
+    builders: list[FamilyBuilder | ColumnarFamily] = [
         numbackends,
         xact_commit,
         xact_rollback,
@@ -1050,7 +1050,26 @@ def _database_families(obs: PostgresObservation, target: str) -> list[FamilyBuil
         active_time,
         idle_in_tx_time,
     ]
-    for db in obs.databases or ():
+    databases = obs.databases or []
+    keys = [(target, db.datname) for db in databases]
+    if databases and len(set(keys)) == len(keys):
+        # one label table for the ten families (its text is made once); None (pre-14) gives no
+        # sample, as FamilyBuilder.add skips it: absent, never a fake zero
+        table = LabelTable(labels, [[target] * len(keys), [db.datname for db in databases]], len(keys))
+        columns: list[tuple[FamilyBuilder, list[Any]]] = [
+            (numbackends, [db.numbackends for db in databases]),
+            (xact_commit, [db.xact_commit for db in databases]),
+            (xact_rollback, [db.xact_rollback for db in databases]),
+            (sessions, [db.sessions for db in databases]),
+            (abandoned, [db.sessions_abandoned for db in databases]),
+            (fatal, [db.sessions_fatal for db in databases]),
+            (killed, [db.sessions_killed for db in databases]),
+            (session_time, [db.session_time_seconds for db in databases]),
+            (active_time, [db.active_time_seconds for db in databases]),
+            (idle_in_tx_time, [db.idle_in_transaction_time_seconds for db in databases]),
+        ]
+        return [_columnar(builder, table, values) for builder, values in columns]
+    for db in databases:
         key = [target, db.datname]
         numbackends.add(key, db.numbackends)
         xact_commit.add(key, db.xact_commit)
@@ -1075,11 +1094,11 @@ def observation_families(
     """
     target = obs.target
     t = ["target"]
+    # the label table every single-value family shares: {target="..."} is formatted once
+    one = LabelTable(t, [[target]], 1)
 
-    def single(name: str, doc: str, value: float | None) -> FamilyBuilder:
-        builder = gauge(name, doc, t)
-        builder.add([target], value)
-        return builder
+    def single(name: str, doc: str, value: float | None) -> ColumnarFamily:
+        return _columnar(gauge(name, doc, t), one, [value])
 
     builders: list[FamilyBuilder | ColumnarFamily] = [
         single(
