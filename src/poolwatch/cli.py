@@ -249,6 +249,31 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
+#: glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _tune_malloc() -> None:
+    """Keep the memory of one collection for the next instead of handing it back to the kernel.
+
+    Each collection of a large PgBouncer writes tens of megabytes of fresh ``bytes`` (a rendered
+    family is one allocation of about a megabyte at 10,000 pools). By default glibc serves those
+    with mmap, or trims them off the heap when freed, so the next collection takes a page fault
+    for every 4 KiB it writes: measured, writing the families cost four times what the copying
+    alone does. With a fixed mmap threshold and a high trim threshold, freed blocks are reused.
+    Resident memory stays at the process's high-water mark, which it reaches every collection
+    anyway. A no-op where the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter itself runs on
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's own ceiling for the dynamic threshold
+    mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+
+
 async def serve(
     config: Config,
     *,
@@ -288,6 +313,7 @@ async def serve(
             [f"listen: cannot listen on {config.listen.host}:{config.listen.port}: {exc.strerror or exc}"]
         ) from None
     _tune_gc()
+    _tune_malloc()
     await engine.start()
     host, port = _bound_address(runner, config)
     url = f"{'https' if ssl_context else 'http'}://{host}:{port}"

@@ -66,8 +66,11 @@ class TargetRuntime:
 #: Above this many series a snapshot is rendered in a worker thread, so the event loop (other
 #: scrapes, /healthz, the listener watcher) keeps getting turns; below it the hop costs more.
 RENDER_IN_THREAD_SERIES = 20_000
-#: The body is kept in blocks of about this size: one write each when served.
-WRITE_BLOCK = 1 << 20
+#: Rendered families under SMALL_CHUNK bytes are grouped into pieces of about WRITE_BLOCK bytes
+#: (larger ones are written as they are): measured on loopback, writes of 64 KiB to 1 MiB serve
+#: a body equally fast, while a write per small family or a copy of the body costs more.
+SMALL_CHUNK = 64 << 10
+WRITE_BLOCK = 256 << 10
 
 
 @dataclass
@@ -92,10 +95,10 @@ class Snapshot:
         cached = self._rendered.get(key)
         if cached is None:
             cached = exposition(self.families, openmetrics=openmetrics)
-            # the families' pre-rendered bytes are now the body's; regroup them into write-sized
-            # blocks once, so every scrape of this snapshot is a few large writes and no copying
+            # the families' pre-rendered bytes are now the body's (held once); tiny families are
+            # grouped so a scrape is one write per ~100 KiB or more, never a copy of the body
             drop_rendered(self.families)
-            cached.coalesce(WRITE_BLOCK)
+            cached.coalesce(SMALL_CHUNK, WRITE_BLOCK)
             self._rendered[key] = cached
         return cached
 

@@ -211,7 +211,7 @@ class ColumnarFamily(Metric):
         super().__init__(name, documentation, typ, unit)
         if len(values) != len(labels):
             raise ValueError(f"{name}: {len(values)} values for {len(labels)} label sets")
-        if exponent > 0 or (exponent and any(type(v) is not int for v in values)):
+        if exponent > 0 or (exponent and not set(map(type, values)) <= {int}):
             raise ValueError(f"{name}: exponent {exponent} needs integer values and exponent <= 0")
         self.labels = labels
         self.values = values
@@ -405,19 +405,34 @@ def _header(family: Metric, openmetrics: bool) -> bytes:
 
 
 def _lines(
-    sample_name: bytes, label_text: Sequence[bytes], values: Sequence[int | float], exponent: int = 0
+    header: bytes,
+    sample_name: bytes,
+    label_text: Sequence[bytes],
+    values: Sequence[int | float],
+    exponent: int = 0,
 ) -> bytes:
-    """``name{labels} value\\n`` per row: three slice assignments and one join, all in C."""
+    """``header`` then ``name{labels} value\\n`` per row: slice assignments and one join, all in
+    C, and the family's bytes are written once (no copy for the header or the first name)."""
     n = len(values)
     if n == 0:
-        return b""
-    flat: list[bytes | None] = [None] * (3 * n)
-    flat[0::3] = label_text
-    flat[1::3] = _value_texts(values, exponent)
+        return header
+    if values.count(values[0]) == n:
+        # one value in every row (an all-zero column: cancels, idle pools, pause flags; a
+        # setting): the lines differ only by labels, so one join with the value as separator,
+        # a third of the pieces
+        text = _value_texts(values[:1], exponent)[0]
+        pieces = list(label_text)  # the header and the last value ride on the first/last piece:
+        pieces[0] = header + sample_name + pieces[0]  # one join writes the whole family
+        pieces[-1] += text + b"\n"
+        return (text + b"\n" + sample_name).join(pieces)
+    flat: list[bytes | None] = [None] * (3 * n + 1)
+    flat[0] = header + sample_name
+    flat[1::3] = label_text
+    flat[2::3] = _value_texts(values, exponent)
     sep = b"\n" + sample_name
-    flat[2::3] = [sep] * n
+    flat[3::3] = [sep] * n
     flat[-1] = b"\n"
-    return sample_name + b"".join(flat)  # type: ignore[arg-type]
+    return b"".join(flat)  # type: ignore[arg-type]
 
 
 _PLAIN_TYPES = frozenset({"gauge", "counter", "info", "unknown"})
@@ -431,7 +446,7 @@ def render_family(family: Metric, *, openmetrics: bool = False) -> bytes:
             return done[1]
         name = family.sample_name.encode()
         label_bytes = family.labels.text_bytes()
-        return _header(family, openmetrics) + _lines(name, label_bytes, family.values, family.exponent)
+        return _lines(_header(family, openmetrics), name, label_bytes, family.values, family.exponent)
     samples = family.samples
     expected = family.name + _SUFFIX.get(family.type, "")
     if family.type in _PLAIN_TYPES and all(
@@ -443,7 +458,7 @@ def render_family(family: Metric, *, openmetrics: bool = False) -> bytes:
             labels = ",".join(f'{k}="{escape_label_values([v])[0]}"' for k, v in s.labels.items())
             text.append((f"{{{labels}}} " if labels else " ").encode())
         values: list[int | float] = [s.value for s in samples]
-        return _header(family, openmetrics) + _lines(expected.encode(), text, values)
+        return _lines(_header(family, openmetrics), expected.encode(), text, values)
     return _render_with_prometheus_client(family, openmetrics)
 
 
@@ -510,29 +525,28 @@ class Exposition:
     def join(self) -> bytes:
         return b"".join(self.chunks)
 
-    def coalesce(self, block: int) -> None:
-        """Regroup the chunks (one per family) into pieces of about ``block`` bytes: small chunks
-        joined, a chunk already that large kept as it is. Consumes the old list as it goes, so
-        the body is held about once, not twice."""
-        chunks, self.chunks = self.chunks, []
-        chunks.reverse()
+    def coalesce(self, small: int, block: int) -> None:
+        """Join runs of chunks under ``small`` bytes into pieces of about ``block`` bytes; larger
+        chunks (most families of a large PgBouncer) stay as they are, uncopied. Serving is then
+        one write per piece, without a write per tiny family or a copy of the whole body."""
+        pieces: list[bytes] = []
         group: list[bytes] = []
         size = 0
-        while chunks:
-            chunk = chunks.pop()
-            if len(chunk) >= block:
+        for chunk in self.chunks:
+            if len(chunk) >= small:
                 if group:
-                    self.chunks.append(b"".join(group))
+                    pieces.append(b"".join(group))
                     group, size = [], 0
-                self.chunks.append(chunk)
+                pieces.append(chunk)
                 continue
             group.append(chunk)
             size += len(chunk)
             if size >= block:
-                self.chunks.append(b"".join(group))
+                pieces.append(b"".join(group))
                 group, size = [], 0
         if group:
-            self.chunks.append(b"".join(group))
+            pieces.append(b"".join(group))
+        self.chunks = pieces
 
 
 def exposition(families: Iterable[Metric], *, openmetrics: bool = False) -> Exposition:
