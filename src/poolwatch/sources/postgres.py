@@ -60,6 +60,7 @@ from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from operator import itemgetter
 from typing import Any, Final
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
@@ -287,7 +288,7 @@ def _merge_unnamed(rows: list[Row], names: Sequence[str], key: Sequence[str]) ->
     """Groups whose database or role OID has no name any more (a role dropped while its sessions
     live on) all have a NULL name: merge those that now share their label values, as grouping by
     name (pg_stat_activity's columns) would have. Nothing to do, and no cost, without a NULL name."""
-    if not any(row[name] is None for row in rows for name in names):
+    if not any(None in map(itemgetter(name), rows) for name in names):
         return rows
     merged: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in rows:
@@ -724,7 +725,10 @@ def _parse_overrides(rows: Iterable[Row]) -> list[SettingOverride]:
 
 
 def _privileged(rows: Sequence[Row]) -> bool:
-    return bool(rows) and all(bool(row["can_read_all_stats"]) for row in rows)
+    return bool(rows) and all(map(_CAN_READ, rows))
+
+
+_CAN_READ: Final = itemgetter("can_read_all_stats")
 
 
 def build_observation(
@@ -987,12 +991,21 @@ def _activity_families(
     ]
 
 
+def _finite_sum(values: list[int | float]) -> bool:
+    """Whether these numbers add up to a finite float: then none is NaN (one C pass; an infinite
+    or huge value just takes the per-value path, which gives the same result)."""
+    try:
+        return math.isfinite(sum(values))
+    except OverflowError:
+        return False
+
+
 def _columnar(builder: FamilyBuilder, labels: LabelTable, values: list[Any]) -> ColumnarFamily:
     """The family ``builder`` would build from these unique label sets and values: a value that is
     not a number (None, NaN) gives no sample, as ``FamilyBuilder.add`` skips it."""
     numbers: list[Any] = values
     kept: list[int] | None = None
-    if not (set(map(type, values)) <= {int, float} and all(v == v for v in values)):  # NaN != NaN
+    if not (set(map(type, values)) <= {int, float} and _finite_sum(values)):
         kept, numbers = [], []
         for i, value in enumerate(values):
             plain = type(value) is int or type(value) is float
