@@ -114,6 +114,16 @@ def _own(application_name: str) -> bool:
     return application_name.startswith(POOLWATCH_APP)
 
 
+def _applications(pg: PostgresFacts) -> list[ActivityRow]:
+    """The activity rows of every session but poolwatch's own, picked out once per sample (three
+    checks walk them)."""
+    rows: list[ActivityRow] | None = pg.__dict__.get("_applications")
+    if rows is None:
+        rows = [row for row in pg.activity if not row.application_name.startswith(POOLWATCH_APP)]
+        pg.__dict__["_applications"] = rows
+    return rows
+
+
 # -- 1. stale-connection detection -------------------------------------------------------------
 def stale_connections(check: Check, pgb: PgBouncerFacts, t: DoctorThresholds, facts: Facts) -> Finding:
     if not pgb.up:
@@ -262,8 +272,8 @@ def connection_age(check: Check, pg: PostgresFacts, t: DoctorThresholds, facts: 
     if not pg.activity_readable:
         return _no_pg_monitor(check, pg, "other roles' connections")
     oldest: dict[str, float] = {}
-    for row in pg.activity:
-        if _own(row.application_name) or row.oldest_backend_age is None:
+    for row in _applications(pg):
+        if row.oldest_backend_age is None:
             continue
         app = _app_label(row.application_name)
         oldest[app] = max(oldest.get(app, 0.0), row.oldest_backend_age)
@@ -588,8 +598,8 @@ def _application_sessions(pg: PostgresFacts) -> list[tuple[str, str]]:
     """(role, database) pairs of the client sessions seen, poolwatch's own left out."""
     pairs = {
         (row.usename, row.datname)
-        for row in pg.activity
-        if not _own(row.application_name) and row.usename and row.datname and row.usename != pg.role
+        for row in _applications(pg)
+        if row.usename and row.datname and row.usename != pg.role
     }
     return sorted(pairs)
 
@@ -1194,9 +1204,7 @@ def long_transactions(check: Check, pg: PostgresFacts, t: DoctorThresholds, fact
     oldest_xact, idle_tx = 0.0, 0.0
     where_xact, where_idle = "", ""
     idle_count = 0
-    for row in pg.activity:
-        if _own(row.application_name):
-            continue
+    for row in _applications(pg):
         if row.oldest_xact_age is not None and row.oldest_xact_age > oldest_xact:
             oldest_xact, where_xact = row.oldest_xact_age, _where(row)
         if row.state.startswith("idle in transaction"):

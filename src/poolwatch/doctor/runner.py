@@ -109,4 +109,10 @@ def _for_history(current: PgBouncerFacts | PostgresFacts) -> PgBouncerFacts | Po
     """
     if isinstance(current, PgBouncerFacts):
         return replace(current, pools=[], databases=[], server_endpoints=set())
-    return replace(current, backends=[])
+    kept = replace(current, backends=[])
+    # the growth check reads a sample's connections per application again at each of the next
+    # collections: hand over what it already computed (the activity rows are the same)
+    by_application = current.__dict__.get("_by_application")
+    if by_application is not None:
+        kept.__dict__["_by_application"] = by_application
+    return kept
