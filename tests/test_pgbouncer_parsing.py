@@ -102,8 +102,9 @@ def observe(results: dict[str, Result], collected_at: float | None = None) -> Pg
     obs.lists = parse_lists(results["LISTS"].columns, results["LISTS"].rows)
     obs.config = parse_config(results["CONFIG"].columns, results["CONFIG"].rows)
     obs.clients, _ = aggregate_connections(results["CLIENTS"].columns, results["CLIENTS"].rows)
-    obs.servers, obs.server_endpoints = aggregate_connections(results["SERVERS"].columns,
-                                                              results["SERVERS"].rows)
+    obs.servers, obs.server_endpoints = aggregate_connections(
+        results["SERVERS"].columns, results["SERVERS"].rows
+    )
     obs.collected = {name for name, _ in COLLECTORS}
     return obs
 
@@ -187,8 +188,10 @@ def test_every_family_is_in_the_reference(captured: tuple[str, dict[str, Result]
 def test_pgbouncer_pseudo_database_is_kept(captured: tuple[str, dict[str, Result]]) -> None:
     _, results = captured
     families = families_from_observation(observe(results), TARGET)
-    assert value(families, "pgbouncer_pools_client_active_connections", database="pgbouncer",
-                 user="pgbouncer") == 1
+    assert (
+        value(families, "pgbouncer_pools_client_active_connections", database="pgbouncer", user="pgbouncer")
+        == 1
+    )
     assert value(families, "pgbouncer_stats_queries_pooled_total", database="pgbouncer") == 4
 
 
@@ -253,7 +256,8 @@ def test_stats_microseconds_become_seconds() -> None:
     assert value(families, "pgbouncer_stats_client_wait_seconds_total", **app) == pytest.approx(0.005166)
     assert value(families, "pgbouncer_stats_avg_client_wait_seconds", **app) == pytest.approx(0.001965)
     assert value(families, "pgbouncer_stats_queries_duration_seconds_total", database="app") == pytest.approx(
-        0.000597)
+        0.000597
+    )
     assert value(families, "pgbouncer_stats_queries_pooled_total", database="app") == 2
     assert value(families, "pgbouncer_stats_received_bytes_total", database="app") == 27
     assert value(families, "pgbouncer_stats_sent_bytes_total", database="app") == 125
@@ -265,10 +269,24 @@ def test_stats_microseconds_become_seconds() -> None:
     assert value(later, "pgbouncer_stats_client_wait_seconds_total", **app) == pytest.approx(0.005575)
 
 
-POOL_COLUMNS = ["database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req",
-                "cl_waiting_cancel_req", "sv_active", "sv_active_cancel", "sv_being_canceled", "sv_idle",
-                "sv_used", "sv_tested",
-                "sv_login", "maxwait", "maxwait_us", "pool_mode"]
+POOL_COLUMNS = [
+    "database",
+    "user",
+    "cl_active",
+    "cl_waiting",
+    "cl_active_cancel_req",
+    "cl_waiting_cancel_req",
+    "sv_active",
+    "sv_active_cancel",
+    "sv_being_canceled",
+    "sv_idle",
+    "sv_used",
+    "sv_tested",
+    "sv_login",
+    "maxwait",
+    "maxwait_us",
+    "pool_mode",
+]
 
 
 def _pool_row(database: str, user: str, **values: Any) -> tuple[Any, ...]:
@@ -300,8 +318,13 @@ def test_unknown_column_is_ignored() -> None:
 
 def test_missing_column_is_skipped() -> None:
     columns = [c for c in POOL_COLUMNS if c not in ("sv_login", "maxwait_us")]
-    rows = [tuple(v for c, v in zip(POOL_COLUMNS, _pool_row("app", "app", sv_login=1, maxwait=7), strict=True)
-                  if c in columns)]
+    rows = [
+        tuple(
+            v
+            for c, v in zip(POOL_COLUMNS, _pool_row("app", "app", sv_login=1, maxwait=7), strict=True)
+            if c in columns
+        )
+    ]
     families = _pools_families(columns, rows)
     assert value(families, "pgbouncer_pools_server_login_connections", database="app", user="app") is None
     assert "pgbouncer_pools_server_login_connections" not in names(families)
@@ -316,8 +339,11 @@ def test_null_gives_no_sample() -> None:
 
 
 def test_duplicate_rows_make_one_series() -> None:
-    rows = [_pool_row("app", "app", cl_active=1), _pool_row("app", "app", cl_active=9),
-            _pool_row("app", "other", cl_active=2)]
+    rows = [
+        _pool_row("app", "app", cl_active=1),
+        _pool_row("app", "app", cl_active=9),
+        _pool_row("app", "other", cl_active=2),
+    ]
     families = _pools_families(POOL_COLUMNS, rows)
     samples(families)  # asserts no duplicate series
     assert value(families, "pgbouncer_pools_client_active_connections", database="app", user="app") == 1
@@ -332,12 +358,30 @@ def test_older_column_names_map_to_the_newest() -> None:
     families = families_from_observation(obs, TARGET)
     pool = {"database": "app", "user": "app"}
     assert value(families, "pgbouncer_pools_client_waiting_cancel_connections", **pool) == 3
-    db_columns = ["name", "host", "port", "database", "force_user", "pool_size", "reserve_pool", "pool_mode",
-                  "max_connections", "current_connections", "paused", "disabled"]
+    db_columns = [
+        "name",
+        "host",
+        "port",
+        "database",
+        "force_user",
+        "pool_size",
+        "reserve_pool",
+        "pool_mode",
+        "max_connections",
+        "current_connections",
+        "paused",
+        "disabled",
+    ]
     obs.databases = parse_rows(db_columns, [("app", "db1", 5432, "app", None, 20, 5, None, 0, 3, 0, 0)])
     families = families_from_observation(obs, TARGET)
-    labels = {"name": "app", "host": "db1", "port": "5432", "database": "app", "force_user": "",
-              "pool_mode": ""}
+    labels = {
+        "name": "app",
+        "host": "db1",
+        "port": "5432",
+        "database": "app",
+        "force_user": "",
+        "pool_mode": "",
+    }
     assert value(families, "pgbouncer_databases_reserve_pool", **labels) == 5
     assert value(families, "pgbouncer_databases_min_pool_size", **labels) is None
 
@@ -350,17 +394,23 @@ def test_new_column_name_wins_if_both_are_present() -> None:
 def test_decimal_values_become_numbers() -> None:
     from decimal import Decimal
 
-    rows = parse_rows(["database", "total_query_count", "avg_recv"], [("app", Decimal("18446744073709551615"),
-                                                                          Decimal("1.5"))])
+    rows = parse_rows(
+        ["database", "total_query_count", "avg_recv"],
+        [("app", Decimal("18446744073709551615"), Decimal("1.5"))],
+    )
     count = rows[0]["total_query_count"]
     assert count == 18446744073709551615 and isinstance(count, int)
     assert rows[0]["avg_recv"] == 1.5
 
 
 def test_config_three_and_four_columns_and_empty() -> None:
-    rows3 = [("max_client_conn", "100", "yes"), ("auth_type", "md5", "yes"),
-             ("server_check_query", "<empty>", "yes"),
-             ("auth_query", "SELECT secret", "yes"), ("auth_ldap_options", "ldapbindpasswd=hunter2", "yes")]
+    rows3 = [
+        ("max_client_conn", "100", "yes"),
+        ("auth_type", "md5", "yes"),
+        ("server_check_query", "<empty>", "yes"),
+        ("auth_query", "SELECT secret", "yes"),
+        ("auth_ldap_options", "ldapbindpasswd=hunter2", "yes"),
+    ]
     config3 = parse_config(["key", "value", "changeable"], rows3)
     config4 = parse_config(["key", "value", "default", "changeable"], [(k, v, "", c) for k, v, c in rows3])
     assert config3 == config4 == {"max_client_conn": "100", "auth_type": "md5", "server_check_query": ""}
@@ -395,8 +445,12 @@ def test_clients_and_servers_aggregates() -> None:
     assert value(families, "pgbouncer_clients", database="pgbouncer", user="monitor", state="active") == 1
     # server connected at 17:34:17 → 7 s old; client monitor at 17:34:19 → 5 s old
     assert value(families, "pgbouncer_servers_oldest_connection_age_seconds", database="app", user="app") == 7
-    assert value(families, "pgbouncer_clients_oldest_connection_age_seconds", database="pgbouncer",
-                 user="monitor") == 5
+    assert (
+        value(
+            families, "pgbouncer_clients_oldest_connection_age_seconds", database="pgbouncer", user="monitor"
+        )
+        == 5
+    )
     assert value(families, "pgbouncer_clients_max_wait_seconds", database="app", user="app") == 0
     assert obs.server_endpoints == {("127.0.0.1", 41396)}
 
@@ -435,23 +489,45 @@ def test_reference_rows() -> None:
         assert r.type in ("gauge", "counter", "info")
     by_name = {r.name: r for r in rows}
     # pgbouncer_exporter's names where it has the metric
-    for name in ("pgbouncer_pools_client_active_connections", "pgbouncer_pools_client_waiting_connections",
-                 "pgbouncer_pools_server_active_connections", "pgbouncer_pools_server_idle_connections",
-                 "pgbouncer_pools_server_used_connections", "pgbouncer_pools_server_testing_connections",
-                 "pgbouncer_pools_server_login_connections", "pgbouncer_pools_client_maxwait_seconds",
-                 "pgbouncer_stats_queries_pooled_total", "pgbouncer_stats_queries_duration_seconds_total",
-                 "pgbouncer_stats_client_wait_seconds_total", "pgbouncer_stats_sql_transactions_pooled_total",
-                 "pgbouncer_stats_server_in_transaction_seconds_total",
-                 "pgbouncer_stats_received_bytes_total",
-                 "pgbouncer_stats_sent_bytes_total", "pgbouncer_databases_pool_size",
-                 "pgbouncer_databases_reserve_pool", "pgbouncer_databases_max_connections",
-                 "pgbouncer_databases_current_connections", "pgbouncer_databases_paused",
-                 "pgbouncer_databases_disabled", "pgbouncer_free_clients", "pgbouncer_cached_dns_names",
-                 "pgbouncer_in_flight_dns_queries", "pgbouncer_config_max_client_connections",
-                 "pgbouncer_config_max_user_connections", "pgbouncer_version_info"):
+    for name in (
+        "pgbouncer_pools_client_active_connections",
+        "pgbouncer_pools_client_waiting_connections",
+        "pgbouncer_pools_server_active_connections",
+        "pgbouncer_pools_server_idle_connections",
+        "pgbouncer_pools_server_used_connections",
+        "pgbouncer_pools_server_testing_connections",
+        "pgbouncer_pools_server_login_connections",
+        "pgbouncer_pools_client_maxwait_seconds",
+        "pgbouncer_stats_queries_pooled_total",
+        "pgbouncer_stats_queries_duration_seconds_total",
+        "pgbouncer_stats_client_wait_seconds_total",
+        "pgbouncer_stats_sql_transactions_pooled_total",
+        "pgbouncer_stats_server_in_transaction_seconds_total",
+        "pgbouncer_stats_received_bytes_total",
+        "pgbouncer_stats_sent_bytes_total",
+        "pgbouncer_databases_pool_size",
+        "pgbouncer_databases_reserve_pool",
+        "pgbouncer_databases_max_connections",
+        "pgbouncer_databases_current_connections",
+        "pgbouncer_databases_paused",
+        "pgbouncer_databases_disabled",
+        "pgbouncer_free_clients",
+        "pgbouncer_cached_dns_names",
+        "pgbouncer_in_flight_dns_queries",
+        "pgbouncer_config_max_client_connections",
+        "pgbouncer_config_max_user_connections",
+        "pgbouncer_version_info",
+    ):
         assert name in by_name, name
     assert by_name["pgbouncer_databases_pool_size"].labels == (
-        "target", "name", "host", "port", "database", "force_user", "pool_mode")
+        "target",
+        "name",
+        "host",
+        "port",
+        "database",
+        "force_user",
+        "pool_mode",
+    )
     assert "reserve_pool" in by_name["pgbouncer_databases_reserve_pool"].source
 
 
@@ -527,14 +603,20 @@ def test_listener_identity_reads_proc(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("message", "reason", "hint"),
     [
-        ('FATAL:  not allowed', "privilege", "stats_users"),
+        ("FATAL:  not allowed", "privilege", "stats_users"),
         ('unrecognized configuration parameter "pools"', "config", "dbname=pgbouncer"),
-        ('FATAL:  no such database: pgbouncr', "config", "dbname=pgbouncer"),
+        ("FATAL:  no such database: pgbouncr", "config", "dbname=pgbouncer"),
         ('FATAL:  password authentication failed for user "poolwatch"', "auth", "password"),
-        ('connection failed: connection to server at "127.0.0.1", port 1 failed: Connection refused',
-         "connect", "nothing listens"),
-        ('failed to resolve host \'nope.invalid\': [Errno -2] Name or service not known', "connect",
-         "does not resolve"),
+        (
+            'connection failed: connection to server at "127.0.0.1", port 1 failed: Connection refused',
+            "connect",
+            "nothing listens",
+        ),
+        (
+            "failed to resolve host 'nope.invalid': [Errno -2] Name or service not known",
+            "connect",
+            "does not resolve",
+        ),
         ("ERROR:  invalid command 'SHOW FOO', use SHOW HELP;", "query", "does not know the command"),
     ],
 )
@@ -545,8 +627,9 @@ def test_error_classification(message: str, reason: str, hint: str) -> None:
 
 
 def test_error_detail_never_has_the_password() -> None:
-    exc = RuntimeError("connection to host=pgb password=s3cr3t-pw user=x failed: Connection refused "
-                       "s3cr3t-pw")
+    exc = RuntimeError(
+        "connection to host=pgb password=s3cr3t-pw user=x failed: Connection refused s3cr3t-pw"
+    )
     reason, detail = classify_pgbouncer_error(exc, "s3cr3t-pw")
     assert reason == "connect"
     assert "s3cr3t-pw" not in detail
@@ -576,8 +659,9 @@ def test_show_version_notice_fallback() -> None:
 def test_source_keeps_the_password_out_of_its_conninfo() -> None:
     from poolwatch.sources.pgbouncer import PgBouncerSource
 
-    source = PgBouncerSource("t", "host=h port=6432 dbname=pgbouncer user=u password=inline-pw", None,
-                             connect_timeout=1)
+    source = PgBouncerSource(
+        "t", "host=h port=6432 dbname=pgbouncer user=u password=inline-pw", None, connect_timeout=1
+    )
     assert "inline-pw" not in source._conninfo and source._password == "inline-pw"
     assert "application_name=poolwatch" in source._conninfo
 
@@ -590,6 +674,64 @@ def test_a_trivial_password_does_not_garble_the_advice() -> None:
 
 
 def test_unknown_error_text_with_the_password_is_cleaned() -> None:
-    reason, detail = classify_pgbouncer_error(RuntimeError("weird failure mentioning Tr0ub4dor&3"),
-                                              password="Tr0ub4dor&3")
+    reason, detail = classify_pgbouncer_error(
+        RuntimeError("weird failure mentioning Tr0ub4dor&3"), password="Tr0ub4dor&3"
+    )
     assert reason == "query" and "Tr0ub4dor&3" not in detail and "***" in detail
+
+
+# ------------------------------------------------------------------------------------------------
+# The renderer's fast paths: integer-with-exponent values, one-value columns, regrouped chunks
+# ------------------------------------------------------------------------------------------------
+def _columnar(values: Sequence[int | float], exponent: int = 0) -> Metric:
+    from poolwatch.metrics import ColumnarFamily, LabelTable
+
+    names = [f"p{i}" for i in range(len(values))]
+    labels = LabelTable(("target", "database"), [["t"] * len(values), names])
+    return ColumnarFamily("x_seconds", "help", "counter", labels, values, exponent=exponent)
+
+
+@pytest.mark.parametrize(
+    ("values", "exponent"),
+    [
+        ([0, 85817, 1, 10**15, 0], -6),  # microseconds, zeros among them
+        ([7, 7, 7], -6),  # one value everywhere
+        ([0, 0, 0, 0], -3),
+        ([80894, 5], -3),
+        ([1, 1, 1], 0),
+        ([0.5, 0.5], 0),
+        ([3, 0, 2**70], 0),
+    ],
+)
+def test_integer_exponent_and_constant_columns_parse_to_the_samples(
+    values: list[int | float], exponent: int
+) -> None:
+    from poolwatch.metrics import exposition
+
+    family = _columnar(values, exponent)
+    for openmetrics, parse in ((False, text_string_to_metric_families), (True, parse_openmetrics)):
+        text = exposition([family], openmetrics=openmetrics).join().decode()
+        parsed = [s for f in parse(text) for s in f.samples if s.name == "x_seconds_total"]
+        assert [(s.labels["database"], s.value) for s in parsed] == [
+            (s.labels["database"], s.value) for s in family.samples
+        ]
+    assert [s.value for s in family.samples] == [v / 10**-exponent if exponent else v for v in values]
+    if exponent == -6 and values[1] == 85817:
+        assert 'database="p1"} 85817e-6\n' in exposition([family]).join().decode()  # exact, not 0.0858169999…
+
+
+def test_exponent_needs_integer_values() -> None:
+    with pytest.raises(ValueError, match="integer"):
+        _columnar([1.5, 2.0], -6)
+
+
+def test_regrouped_body_is_the_same_bytes() -> None:
+    from poolwatch.metrics import exposition
+
+    families = [_columnar([i] * n) for i, n in enumerate((1, 3000, 2, 5, 40_000, 1, 1))]
+    body = exposition(families)
+    whole = body.join()
+    body.coalesce(64 << 10, 256 << 10)
+    assert body.join() == whole
+    assert all(len(c) >= 64 << 10 for c in body.chunks[:-1] if len(c) > 256 << 10)
+    assert len(body.chunks) < len(families)
