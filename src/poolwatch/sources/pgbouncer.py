@@ -124,9 +124,9 @@ COLLECTORS: tuple[tuple[str, str], ...] = (
 CORE_COLLECTOR = "pools"
 #: The order the SHOWs are sent in (families keep ``COLLECTORS``' order). PgBouncer produces the
 #: next SHOW while poolwatch builds the families of the previous one, so the one PgBouncer takes
-#: longest over (SHOW CLIENTS: a row per client) goes right after SHOW POOLS, whose families
-#: take poolwatch long, and the small ones go last.
-_SENT_IN = ("version", "pools", "clients", "stats", "databases", "servers", "lists", "config")
+#: longest over (SHOW CLIENTS: a row per client) goes while poolwatch builds the families that
+#: take it longest (SHOW STATS), and the small ones go last.
+_SENT_IN = ("version", "pools", "stats", "clients", "databases", "servers", "lists", "config")
 EXECUTION_ORDER: tuple[tuple[str, str], ...] = tuple(sorted(COLLECTORS, key=lambda c: _SENT_IN.index(c[0])))
 
 _VERSION_RE = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
@@ -449,7 +449,7 @@ _UNPARSED = object()
 
 
 def aggregate_connections(
-    columns: Sequence[str], rows: Iterable[Sequence[Any]]
+    columns: Sequence[str], rows: Iterable[Sequence[Any]], *, endpoints: bool = True
 ) -> tuple[Connections, set[tuple[str, int]]]:
     """SHOW CLIENTS / SHOW SERVERS → aggregates per (database, user) and the local endpoints.
 
@@ -512,14 +512,14 @@ def aggregate_connections(
     if close_at is not None:
         for i in compress(range(len(rows)), cols[close_at]):
             close_needed[position[pairs[i]]] += int(as_float(cols[close_at][i]) or 0)
-    endpoints: set[tuple[str, int]] = set()
+    local: set[tuple[str, int]] = set()
     laddr_at, lport_at = index.get("local_addr"), index.get("local_port")
-    if laddr_at is not None and lport_at is not None:
+    if endpoints and laddr_at is not None and lport_at is not None:  # SHOW SERVERS: the doctor's
         for addr, port in set(zip(cols[laddr_at], cols[lport_at], strict=True)):
             number = as_float(port)
             if isinstance(addr, str) and addr and number is not None:
-                endpoints.add((addr, int(number)))
-    return Connections(state_counts, keys, oldest, max_wait, close_needed), endpoints
+                local.add((addr, int(number)))
+    return Connections(state_counts, keys, oldest, max_wait, close_needed), local
 
 
 # ------------------------------------------------------------------------------------------------
@@ -829,7 +829,9 @@ def _connection_families(
             # whole milliseconds (connect_time has one-second resolution): an integer format,
             # not a float's repr, per series
             now_ms = collected_at * 1000
-            values = [None if t is None else max(0, round(now_ms - t * 1000)) for t in oldest_times]
+            # connect times have one-second resolution: few distinct ones, each converted once
+            age = {t: None if t is None else max(0, round(now_ms - t * 1000)) for t in set(oldest_times)}
+            values = list(map(age.__getitem__, oldest_times))
             exponent = -3
         if None in values:
             kept = [i for i, v in enumerate(values) if v is not None]
@@ -1625,7 +1627,7 @@ class PgBouncerSource:
             obs.config = parse_config(columns, rows)
             obs.config_raw = parse_config(columns, rows, raw=True)
         elif name == "clients":
-            obs.clients, _ = aggregate_connections(columns, rows)
+            obs.clients, _ = aggregate_connections(columns, rows, endpoints=False)
         elif name == "servers":
             obs.servers, obs.server_endpoints = aggregate_connections(columns, rows)
 
