@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import Literal, cast
 
 from prometheus_client.metrics_core import Metric
@@ -364,11 +365,15 @@ def _value_texts(values: Sequence[int | float], exponent: int = 0) -> list[bytes
     n = len(values)
     if not any(values):  # an all-zero column: idle pools, unused features (NaN is truthy)
         return [b"0"] * n
+    if values.count(0) > n // 2:
+        # mostly zeros (cancels, waits, idle pools' counters): zeros are one shared text and
+        # only the other rows, found in C, are formatted
+        texts = [b"0"] * n
+        for i in compress(range(n), values):
+            texts[i] = _value_texts(values[i : i + 1], exponent)[0]
+        return texts
     if exponent:  # integers in units of 10**exponent (ColumnarFamily checked the types)
-        scaled = (b"%de" + str(exponent).encode()).__mod__
-        if values.count(0) > n // 4:
-            return [scaled(v) if v else b"0" for v in values]
-        return list(map(scaled, values))
+        return list(map((b"%de" + str(exponent).encode()).__mod__, values))
     types = set(map(type, values))
     if types == {int}:
         if min(values) >= 0 and max(values) < len(_SMALL_INTS):
@@ -379,8 +384,6 @@ def _value_texts(values: Sequence[int | float], exponent: int = 0) -> list[bytes
     except OverflowError:  # an int too large for a float
         finite = False
     if finite and types <= {int, float}:
-        if values.count(0) > n // 2:  # mostly zeros (waits, durations): skip their repr
-            return [_REPR(v) if v else b"0" for v in values]
         return list(map(_REPR, values))
     return [_INT(v) if type(v) is int else _go_float(float(v)) for v in values]
 
