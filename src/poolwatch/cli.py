@@ -251,8 +251,8 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
-#: glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
 
 def _tune_malloc() -> None:
@@ -264,7 +264,9 @@ def _tune_malloc() -> None:
     for every 4 KiB it writes: measured, writing the families cost four times what the copying
     alone does. With a fixed mmap threshold and a high trim threshold, freed blocks are reused.
     Resident memory stays at the process's high-water mark, which it reaches every collection
-    anyway. A no-op where the C library is not glibc.
+    anyway. One arena for all threads: the worker threads that build families would otherwise
+    each keep a heap of their own (measured at 10,000 pools: peak RSS 210 -> 169 MB, same speed;
+    the GIL already serialises the allocations). A no-op where the C library is not glibc.
     """
     import ctypes
 
@@ -274,6 +276,7 @@ def _tune_malloc() -> None:
         return
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's own ceiling for the dynamic threshold
     mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(_M_ARENA_MAX, 1)  # before the first worker thread allocates
 
 
 async def serve(
