@@ -498,14 +498,18 @@ def test_adapter_reads_backends_from_client_counts() -> None:
         can_read_all_stats=True,
         clients=[
             ClientCount("10.0.0.5", "web", 3, (5001, 5002, 5003)),
+            ClientCount("10.0.0.6", "batch", 3, (6001, None)),  # a NULL port: counted as local
             ClientCount(None, "psql", 2, ()),  # Unix socket: no address, no port
         ],
     )
     facts = postgres_facts(SourceResult("db", "postgres", True, observation=obs))
-    assert sorted(facts.backends) == [
+    assert facts.backends == [
         ("10.0.0.5", 5001, "web"),
         ("10.0.0.5", 5002, "web"),
         ("10.0.0.5", 5003, "web"),
+        ("10.0.0.6", 6001, "batch"),
+        ("local", -1, "batch"),
+        ("local", -1, "batch"),
         ("local", -1, "psql"),
         ("local", -1, "psql"),
     ]

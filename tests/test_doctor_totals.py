@@ -1,19 +1,16 @@
-"""The adapter's SHOW STATS totals and backend list: the same values as reading row by row."""
+"""The adapter's SHOW STATS totals: the same values as summing row by row."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import compress
 from typing import Any
 
 import pytest
 
-from poolwatch.doctor.adapt import _stats_totals, postgres_facts
-from poolwatch.metrics import SourceResult
-from poolwatch.sources.postgres import ClientCount, PostgresObservation
+from poolwatch.doctor.adapt import _stats_totals
 
 
 class _Table(Sequence[Mapping[str, Any]]):
@@ -86,27 +83,3 @@ def test_stats_totals_equal_row_by_row_float_sums(n: int, admin_at: list[int]) -
 def test_stats_totals_of_only_the_admin_console_are_empty() -> None:
     assert _stats_totals([{"database": "pgbouncer", "total_xact_count": 5}]) == {}
     assert _stats_totals([]) == {}
-
-
-def test_backends_from_client_ports_in_every_shape() -> None:
-    obs = PostgresObservation(
-        target="db",
-        collected_at=datetime.fromtimestamp(1000.0, UTC),
-        can_read_all_stats=True,
-        clients=[
-            ClientCount("10.0.0.5", "web", 3, (5001, 5002, 5003)),
-            ClientCount("10.0.0.6", "batch", 3, (6001, None)),  # a NULL port: counted as local
-            ClientCount(None, "psql", 2, ()),
-        ],
-    )
-    facts = postgres_facts(SourceResult("db", "postgres", True, observation=obs))
-    assert facts.backends == [
-        ("10.0.0.5", 5001, "web"),
-        ("10.0.0.5", 5002, "web"),
-        ("10.0.0.5", 5003, "web"),
-        ("10.0.0.6", 6001, "batch"),
-        ("local", -1, "batch"),
-        ("local", -1, "batch"),
-        ("local", -1, "psql"),
-        ("local", -1, "psql"),
-    ]

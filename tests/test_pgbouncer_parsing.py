@@ -648,12 +648,10 @@ def test_show_version_notice_fallback() -> None:
 
     source = PgBouncerSource("t", "host=127.0.0.1 dbname=pgbouncer user=x", None, connect_timeout=1)
     obs = PgBouncerObservation(collected_at=0.0)
-    source._notices[:] = ["PgBouncer version 1.9.0"]
-    source._absorb(obs, "version", [], [])
+    source._absorb(obs, "version", [], [], ["PgBouncer version 1.9.0"])
     assert obs.version == "PgBouncer version 1.9.0" and obs.version_tuple == (1, 9, 0)
-    source._notices.clear()
     with pytest.raises(ValueError):
-        source._absorb(obs, "version", [], [])
+        source._absorb(obs, "version", [], [], [])
 
 
 def test_source_keeps_the_password_out_of_its_conninfo() -> None:

@@ -362,8 +362,9 @@ def _value_texts(values: Sequence[int | float], exponent: int = 0) -> list[str]:
         # mostly zeros (cancels, waits, idle pools' counters): zeros are one shared text and
         # only the other rows, found in C, are formatted
         texts = ["0"] * n
-        for i in compress(range(n), values):
-            texts[i] = _value_texts(values[i : i + 1], exponent)[0]
+        others = list(compress(range(n), values))
+        for i, text in zip(others, _value_texts([values[i] for i in others], exponent), strict=True):
+            texts[i] = text
         return texts
     if exponent:  # integers in units of 10**exponent (ColumnarFamily checked the types)
         return list(map(f"%de{exponent}".__mod__, values))

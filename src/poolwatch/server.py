@@ -59,7 +59,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=headers)
     response.content_length = body.size
     await response.prepare(request)
-    for chunk in body.chunks:  # blocks of about 1 MiB (Snapshot.body); larger ones sliced
+    for chunk in body.chunks:  # a family or a group of small ones (Snapshot.body); huge ones sliced
         if len(chunk) <= BODY_SLICE:
             await response.write(chunk)
             continue

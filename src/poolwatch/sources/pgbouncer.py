@@ -733,11 +733,9 @@ def _table_families(
                         v + (as_float(us) or 0.0) / 1e6 if us else v
                         for v, us in zip(numbers, extra, strict=True)
                     ]
-        if exponent:
-            pass
-        elif spec.scale == MICROSECONDS and integers:
+        if not exponent and spec.scale == MICROSECONDS and integers:
             exponent = -6  # written as 85817e-6: exact, and cheaper than a float's repr
-        elif spec.scale != 1.0:
+        elif not exponent and spec.scale != 1.0:
             scale = spec.scale
             numbers = [v * scale for v in numbers]
         if not numbers:
@@ -815,24 +813,18 @@ def _connection_families(
         families.append(ColumnarFamily(_family_name(d.metric, d.kind), d.help, d.kind, labels, counts))
     oldest_name = f"pgbouncer_{prefix}_oldest_connection_age_seconds"
     extra_name = "pgbouncer_clients_max_wait_seconds" if clients else "pgbouncer_servers_close_needed"
-    per_key: LabelTable | None = None
-    if keys:
-        columns = [[target] * len(keys), *map(list, zip(*keys, strict=True))]
-        per_key = _label_table(_DERIVED[oldest_name].labels, columns, oldest_name, label_cache)
+    if not keys:
+        return families
+    columns = [[target] * len(keys), *map(list, zip(*keys, strict=True))]
+    per_key = _label_table(_DERIVED[oldest_name].labels, columns, oldest_name, label_cache)
+    # ages in whole milliseconds, written as integers (not a float's repr per series); connect
+    # times have one-second resolution, so each distinct one is converted once
+    now_ms = collected_at * 1000
+    age = {t: None if t is None else max(0, round(now_ms - t * 1000)) for t in set(oldest_times)}
+    ages = list(map(age.__getitem__, oldest_times))
     values: Sequence[float | None]
-    for name, values in ((oldest_name, oldest_times), (extra_name, extra_values)):
-        if per_key is None:
-            break
+    for name, values, exponent in ((oldest_name, ages, -3), (extra_name, extra_values, 0)):
         d = _DERIVED[name]
-        exponent = 0
-        if name == oldest_name:
-            # whole milliseconds (connect_time has one-second resolution): an integer format,
-            # not a float's repr, per series
-            now_ms = collected_at * 1000
-            # connect times have one-second resolution: few distinct ones, each converted once
-            age = {t: None if t is None else max(0, round(now_ms - t * 1000)) for t in set(oldest_times)}
-            values = list(map(age.__getitem__, oldest_times))
-            exponent = -3
         if None in values:
             kept = [i for i, v in enumerate(values) if v is not None]
             family_labels, values = per_key.take(kept), [values[i] for i in kept]
@@ -870,7 +862,6 @@ def collector_families(
     the next SHOW is in flight. Stats, databases and clients follow ``selection``'s pools;
     ``label_cache`` (one per target) reuses the label text of the previous collection."""
     selection = selection if selection is not None else Selection()
-    cache = label_cache
     if name == "version":
         if not obs.version:
             return []
@@ -878,13 +869,13 @@ def collector_families(
         version.add_prepared((target, obs.version), 1.0)
         return [version.build()]
     if name == "pools":
-        return _table_families("pools", obs.pools, target, selection.pools, cache)
+        return _table_families("pools", obs.pools, target, selection.pools, label_cache)
     if name == "stats":
         keep = _name_keep(obs.stats, "database", selection)
-        return _table_families("stats", obs.stats, target, keep, cache)
+        return _table_families("stats", obs.stats, target, keep, label_cache)
     if name == "databases":
         keep = _name_keep(obs.databases, "name", selection)
-        return _table_families("databases", obs.databases, target, keep, cache)
+        return _table_families("databases", obs.databases, target, keep, label_cache)
     if name == "lists":
         return [b.build() for b in _keyed_families(columns_for("lists"), obs.lists, target) if len(b)]
     if name == "config":
@@ -896,7 +887,7 @@ def collector_families(
         return [b.build() for b in builders if len(b)]
     if name in ("clients", "servers") and name in obs.collected:
         groups = obs.clients if name == "clients" else obs.servers
-        return _connection_families(groups, target, name, obs.collected_at, selection, cache)
+        return _connection_families(groups, target, name, obs.collected_at, selection, label_cache)
     return []
 
 
@@ -1262,7 +1253,7 @@ def _load_rows(cur: psycopg.AsyncClientCursor[TupleRow]) -> list[TupleRow]:
 
 
 WATCH_INTERVAL = 0.5
-#: above this many pools + client/server groups, families are built in a worker thread
+#: a SHOW result above this many rows is turned into families in a worker thread
 _BIG = 1000
 #: the collectors whose families follow the cardinality guard's selection of pools
 _SELECTED = frozenset({"pools", "stats", "databases", "clients", "servers"})
@@ -1608,14 +1599,13 @@ class PgBouncerSource:
         name: str,
         columns: list[str],
         rows: list[TupleRow],
-        notices: Sequence[str] | None = None,
+        notices: Sequence[str] = (),
     ) -> None:
         if name == "version":
             text = label_text(rows[0][columns.index("version")]) if rows and "version" in columns else None
             if text is None:
                 # before 1.12 SHOW VERSION answers with a NOTICE (pgbouncer_exporter #51)
-                seen = self._notices if notices is None else notices
-                text = next((n for n in seen if _VERSION_RE.search(n)), None)
+                text = next((n for n in notices if _VERSION_RE.search(n)), None)
             if text is None:
                 raise ValueError("SHOW VERSION returned neither a row nor a NOTICE")
             obs.version, obs.version_tuple = text, parse_version(text)
