@@ -44,6 +44,7 @@ from poolwatch.sources.pgbouncer import (
 from poolwatch.sources.pgbouncer_columns import CONFIG_INFO_KEYS
 from poolwatch.sources.postgres import ACTIVITY_STATES, build_observation, observation_families
 from tests.conftest import MakePgBouncer
+from tests.console_columns import POOL_COLUMNS
 from tests.daemon import make_config, pgbouncer_target, postgres_target, running_daemon
 
 SampleKey = tuple[str, frozenset[tuple[str, str]]]
@@ -119,24 +120,6 @@ def values_of(samples: dict[SampleKey, float], name: str) -> list[tuple[dict[str
 # ------------------------------------------------------------------------------------------------
 # PgBouncer: console rows → observation → families
 # ------------------------------------------------------------------------------------------------
-POOL_COLUMNS = [
-    "database",
-    "user",
-    "cl_active",
-    "cl_waiting",
-    "cl_active_cancel_req",
-    "cl_waiting_cancel_req",
-    "sv_active",
-    "sv_active_cancel",
-    "sv_being_canceled",
-    "sv_idle",
-    "sv_used",
-    "sv_tested",
-    "sv_login",
-    "maxwait",
-    "maxwait_us",
-    "pool_mode",
-]
 STATS_COLUMNS = [
     "database",
     "total_xact_count",

@@ -45,6 +45,7 @@ from poolwatch.sources.pgbouncer_columns import (
     OBSERVED_CONFIG_KEYS,
     metrics_reference,
 )
+from tests.console_columns import POOL_COLUMNS
 
 DATA = Path(__file__).parent / "data" / "pgbouncer-admin-console"
 VERSIONS = ("1.18", "1.23.0", "1.23.1", "1.24.0", "1.24.1", "1.25.0", "1.25.2")
@@ -267,26 +268,6 @@ def test_stats_microseconds_become_seconds() -> None:
     assert value(later, "pgbouncer_stats_server_assignments_total", database="app") == 1
     assert value(later, "pgbouncer_stats_binds_total", database="app") == 0
     assert value(later, "pgbouncer_stats_client_wait_seconds_total", **app) == pytest.approx(0.005575)
-
-
-POOL_COLUMNS = [
-    "database",
-    "user",
-    "cl_active",
-    "cl_waiting",
-    "cl_active_cancel_req",
-    "cl_waiting_cancel_req",
-    "sv_active",
-    "sv_active_cancel",
-    "sv_being_canceled",
-    "sv_idle",
-    "sv_used",
-    "sv_tested",
-    "sv_login",
-    "maxwait",
-    "maxwait_us",
-    "pool_mode",
-]
 
 
 def _pool_row(database: str, user: str, **values: Any) -> tuple[Any, ...]:
