@@ -436,8 +436,14 @@ def _lines(
 _PLAIN_TYPES = frozenset({"gauge", "counter", "info", "unknown"})
 
 
-def render_family(family: Metric, *, openmetrics: bool = False) -> bytes:
-    """One family in the text format (0.0.4) or OpenMetrics (without the final ``# EOF``), UTF-8."""
+def render_family(family: Metric, *, openmetrics: bool = False, header: bool = True) -> bytes:
+    """One family in the text format (0.0.4) or OpenMetrics (without the final ``# EOF``), UTF-8.
+
+    ``header=False`` leaves out the HELP/TYPE lines: the family continues one of the same name
+    written just before it (the same metric from another target).
+    """
+    if not header:
+        return _without_header(render_family(family, openmetrics=openmetrics), family, openmetrics)
     if isinstance(family, ColumnarFamily):
         done = family.rendered
         if done is not None and done[0] == openmetrics:
@@ -459,6 +465,26 @@ def render_family(family: Metric, *, openmetrics: bool = False) -> bytes:
         values: list[int | float] = [s.value for s in samples]
         return _lines(_header(family, openmetrics), expected, text, values)
     return _render_with_prometheus_client(family, openmetrics)
+
+
+def _without_header(body: bytes, family: Metric, openmetrics: bool) -> bytes:
+    header = _header(family, openmetrics).encode()
+    if body.startswith(header):
+        return body[len(header) :]
+    while body.startswith(b"# "):  # prometheus-client's writer: its own header lines
+        body = body.partition(b"\n")[2]
+    return body
+
+
+def exposition_order(families: Iterable[Metric]) -> list[tuple[Metric, bool]]:
+    """``(family, header)`` in the order to write them: families sharing a name (one metric from
+    several targets) next to each other under a single HELP/TYPE header, in first-seen order.
+    Both text formats require a metric's samples in one group; a second header for the same
+    name is an error to ``promtool check metrics`` and to Prometheus's OpenMetrics parser."""
+    by_name: dict[str, list[Metric]] = {}
+    for family in families:
+        by_name.setdefault(family.name, []).append(family)
+    return [(family, i == 0) for group in by_name.values() for i, family in enumerate(group)]
 
 
 def _render_with_prometheus_client(family: Metric, openmetrics: bool) -> bytes:
@@ -556,9 +582,9 @@ def exposition(families: Iterable[Metric], *, openmetrics: bool = False) -> Expo
     as given, ``target`` first, instead of sorted) and integers written without ``.0``.
     """
     out = Exposition()
-    for family in families:
+    for family, header in exposition_order(families):
         try:
-            out.append(render_family(family, openmetrics=openmetrics))
+            out.append(render_family(family, openmetrics=openmetrics, header=header))
         except Exception as exc:
             exc.args = (*exc.args, family.name)
             raise
