@@ -38,6 +38,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import compress
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal, cast, overload
 
@@ -278,21 +279,34 @@ def _number(value: Decimal) -> int | float:
 
 
 class Table(Sequence[Row]):
-    """The rows of one SHOW as tuples plus one column index: what the source keeps.
+    """The result of one SHOW as columns (one tuple per column) plus one column index.
 
-    ``columns`` are the newest column names (unique); ``rows`` the result tuples in that order.
-    Families are built from whole columns (``column``), never from per-row dicts. Reading it as
-    a sequence of rows (what the pool doctor does) makes a plain dict per row on the fly: a
-    reader that looks up several keys per row is faster on a dict than on any Python-level view.
+    ``columns`` are the newest column names (unique). Only columns are kept, never row tuples:
+    families and the pool doctor read whole columns, and a 10,000-row SHOW held as rows costs a
+    tuple per row on top of the values (megabytes that outlive the collection). Reading it as a
+    sequence of rows (tests, hand-made facts) makes a plain dict per row on the fly.
     """
 
-    __slots__ = ("_columns", "columns", "positions", "rows")
+    __slots__ = ("_length", "_values", "columns", "positions")
 
-    def __init__(self, columns: Sequence[str], rows: list[Sequence[Value]]) -> None:
+    def __init__(self, columns: Sequence[str], rows: Iterable[Sequence[Value]]) -> None:
+        rows = rows if isinstance(rows, list) else list(rows)
+        values = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
+        self._init(columns, values, len(rows))
+
+    def _init(self, columns: Sequence[str], values: Sequence[Sequence[Value]], length: int) -> None:
         self.columns = tuple(columns)
         self.positions: dict[str, int] = {name: i for i, name in enumerate(self.columns)}
-        self.rows = rows
-        self._columns: list[Sequence[Value]] | None = None
+        if len(values) != len(self.columns) or any(len(v) != length for v in values):
+            raise ValueError(f"{len(self.columns)} columns of {length} rows expected")
+        self._values = values
+        self._length = length
+
+    @classmethod
+    def from_columns(cls, columns: Sequence[str], values: Sequence[Sequence[Value]], length: int) -> Table:
+        table = cls.__new__(cls)
+        table._init(columns, values, length)
+        return table
 
     @classmethod
     def from_mappings(cls, rows: Iterable[Mapping[str, Value]]) -> Table:
@@ -301,7 +315,7 @@ class Table(Sequence[Row]):
         return cls(names, [tuple(row.get(name) for name in names) for row in rows])
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return self._length
 
     @overload
     def __getitem__(self, i: int) -> Row: ...
@@ -309,28 +323,38 @@ class Table(Sequence[Row]):
     def __getitem__(self, i: slice) -> list[Row]: ...
     def __getitem__(self, i: int | slice) -> Row | list[Row]:
         if isinstance(i, slice):
-            return [dict(zip(self.columns, row, strict=True)) for row in self.rows[i]]
-        return dict(zip(self.columns, self.rows[i], strict=True))
+            return [self[j] for j in range(*i.indices(self._length))]
+        if i < 0:
+            i += self._length
+        if not 0 <= i < self._length:
+            raise IndexError(i)
+        return {name: values[i] for name, values in zip(self.columns, self._values, strict=True)}
 
     def __iter__(self) -> Iterator[Row]:
         columns = self.columns
-        return (dict(zip(columns, row, strict=True)) for row in self.rows)
+        return (dict(zip(columns, row, strict=True)) for row in zip(*self._values, strict=True))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Table):
-            return self.columns == other.columns and self.rows == other.rows
+            return self.columns == other.columns and self._values == other._values
         return isinstance(other, Sequence) and list(self) == list(other)
 
     __hash__ = None  # type: ignore[assignment]
 
     def column(self, name: str) -> Sequence[Value] | None:
-        """All values of one column (None if this release lacks it); transposed once, in C."""
+        """All values of one column (None if this release lacks it)."""
         at = self.positions.get(name)
-        if at is None:
-            return None
-        if self._columns is None:
-            self._columns = list(zip(*self.rows, strict=True)) if self.rows else [() for _ in self.columns]
-        return self._columns[at]
+        return None if at is None else self._values[at]
+
+    def take(self, indexes: Sequence[int]) -> Table:
+        """The rows at ``indexes``, in that order, as a new table."""
+        if len(indexes) == 1:
+            at = indexes[0]
+            return Table.from_columns(self.columns, [(values[at],) for values in self._values], 1)
+        if not indexes:
+            return Table.from_columns(self.columns, [() for _ in self.columns], 0)
+        pick = itemgetter(*indexes)
+        return Table.from_columns(self.columns, [pick(values) for values in self._values], len(indexes))
 
 
 def parse_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
@@ -346,16 +370,20 @@ def parse_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
         for name in columns
     ]
     rows = rows if isinstance(rows, list) else list(rows)
+    values = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     if len(set(names)) != len(names):
         # duplicate column names: keep the first of each, as a dict would otherwise keep the last
         keep = [i for i, name in enumerate(names) if names.index(name) == i]
         names = [names[i] for i in keep]
-        rows = [tuple(row[i] for i in keep) for row in rows]
+        values = [values[i] for i in keep]
     if rows:
-        decimals = [i for i, value in enumerate(rows[0]) if isinstance(value, Decimal)]
-        if decimals:
-            rows = [tuple(_number(v) if isinstance(v, Decimal) else v for v in row) for row in rows]
-    return Table(names, rows)
+        values = [
+            tuple(_number(v) if isinstance(v, Decimal) else v for v in column)
+            if isinstance(column[0], Decimal)
+            else column
+            for column in values
+        ]
+    return Table.from_columns(names, values, len(rows))
 
 
 def parse_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[Row]:
@@ -694,7 +722,7 @@ def _table_families(
     if not present:
         return []
     if keep is not None:
-        table = Table(table.columns, [table.rows[i] for i in keep])
+        table = table.take(keep)
     n = len(table)
     if n == 0:
         return []
@@ -709,7 +737,7 @@ def _table_families(
             for i, key in enumerate(zip(*label_values, strict=True)):
                 first.setdefault(key, i)
             unique = sorted(first.values())
-            table = Table(table.columns, [table.rows[i] for i in unique])
+            table = table.take(unique)
             label_values = [[column[i] for i in unique] for column in label_values]
             n = len(unique)
         labels = LabelTable(label_names, [[target] * n, *label_values])
