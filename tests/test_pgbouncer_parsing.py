@@ -36,6 +36,7 @@ from poolwatch.sources.pgbouncer import (
     parse_lists,
     parse_pgbouncer_time,
     parse_rows,
+    parse_table,
     parse_version,
 )
 from poolwatch.sources.pgbouncer_columns import (
@@ -714,3 +715,32 @@ def test_regrouped_body_is_the_same_bytes() -> None:
     assert body.join() == whole
     assert all(len(c) >= 64 << 10 for c in body.chunks[:-1] if len(c) > 256 << 10)
     assert len(body.chunks) < len(families)
+
+
+def test_table_keeps_few_objects_and_reads_as_rows() -> None:
+    """A SHOW is kept as columns: a column equal to last collection's is that column, a column with
+    one value everywhere is one object; read back, the rows are what PgBouncer sent."""
+    columns = ["database", "user", "pool_mode", "cl_active", "total_xact_count"]
+
+    def rows(counts: list[int]) -> list[tuple[Any, ...]]:
+        # fresh string objects each time, as the driver makes them
+        return [
+            (f"db{i}", "".join(["ap", "p"]), "".join(["sess", "ion"]), 0, n) for i, n in enumerate(counts)
+        ]
+
+    first = parse_table(columns, rows([10**12, 10**12 + 1, 10**12 + 2]))
+    second = parse_table(columns, rows([10**12, 10**12 + 5, 10**12 + 9]), previous=first)
+    assert second.column("database") is first.column("database")  # unchanged: last time's column
+    assert second.column("total_xact_count") is not first.column("total_xact_count")
+    assert list(second.column("total_xact_count") or ()) == [10**12, 10**12 + 5, 10**12 + 9]
+    users = second.column("user") or ()
+    assert len({id(u) for u in users}) == 1 and list(users) == ["app"] * 3
+    assert list(second) == [
+        dict(zip(columns, row, strict=True)) for row in rows([10**12, 10**12 + 5, 10**12 + 9])
+    ]
+    assert second[-1]["database"] == "db2" and second[0:2] == list(second)[0:2]
+    picked = second.take([2, 0])
+    assert [row["database"] for row in picked] == ["db2", "db0"] and len(second.take([])) == 0
+    # a different number of rows: nothing to reuse, nothing shared by mistake
+    third = parse_table(columns, rows([1, 2]), previous=second)
+    assert list(third.column("database") or ()) == ["db0", "db1"]

@@ -357,12 +357,15 @@ class Table(Sequence[Row]):
         return Table.from_columns(self.columns, [pick(values) for values in self._values], len(indexes))
 
 
-def parse_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+def parse_table(
+    columns: Sequence[str], rows: Iterable[Sequence[Any]], previous: Table | None = None
+) -> Table:
     """Result rows → a ``Table`` keyed by the newest column names.
 
     Unknown columns are kept as they are (ignored downstream), so a new PgBouncer column never breaks
     parsing. If a release ever returned both an old and a new name, the new one wins. Decimal values
     (a driver without our numeric loader) become int/float, checked once per column, not per value.
+    A column equal to ``previous``'s (the last collection's table of the same SHOW) is that column.
     """
     present = set(columns)
     names = [
@@ -370,20 +373,40 @@ def parse_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
         for name in columns
     ]
     rows = rows if isinstance(rows, list) else list(rows)
-    values = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+    values: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     if len(set(names)) != len(names):
         # duplicate column names: keep the first of each, as a dict would otherwise keep the last
         keep = [i for i, name in enumerate(names) if names.index(name) == i]
         names = [names[i] for i in keep]
         values = [values[i] for i in keep]
     if rows:
+        if previous is not None and len(previous) != len(rows):
+            previous = None
         values = [
-            tuple(_number(v) if isinstance(v, Decimal) else v for v in column)
-            if isinstance(column[0], Decimal)
-            else column
-            for column in values
+            _settled(column, previous.column(name) if previous is not None else None)
+            for name, column in zip(names, values, strict=True)
         ]
     return Table.from_columns(names, values, len(rows))
+
+
+def _settled(column: Sequence[Any], previous: Sequence[Any] | None) -> Sequence[Any]:
+    """One column as kept, holding as few objects as it can. Names, modes, hosts and idle counters
+    rarely change: a column equal to the last collection's is that column (this one's copies are
+    freed at once). A column with one value in every row (a user, a pool mode, a port) is that
+    object repeated. Decimals (a driver without our numeric loader) become numbers."""
+    if previous is not None and previous == column:
+        return previous
+    first, n = column[0], len(column)
+    if isinstance(first, Decimal):
+        return tuple(_number(v) if isinstance(v, Decimal) else v for v in column)
+    if (
+        type(first) in (str, int)
+        and column[-1] == first
+        and column[n // 2] == first
+        and column.count(first) == n
+    ):
+        return (first,) * n
+    return column
 
 
 def parse_rows(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[Row]:
@@ -473,9 +496,6 @@ def parse_pgbouncer_time(text: object) -> float | None:
     return None
 
 
-_UNPARSED = object()
-
-
 def aggregate_connections(
     columns: Sequence[str], rows: Iterable[Sequence[Any]], *, endpoints: bool = True
 ) -> tuple[Connections, set[tuple[str, int]]]:
@@ -502,16 +522,19 @@ def aggregate_connections(
     oldest: list[float | None] = [None] * n
     connect_at = index.get("connect_time")
     if connect_at is not None:
-        oldest_text: dict[ConnKey, str] = {}
-        for key, stamp in zip(pairs, cols[connect_at], strict=True):
-            if type(stamp) is str and (key not in oldest_text or stamp < oldest_text[key]):
-                oldest_text[key] = stamp
-        parsed: dict[str, float | None] = {}  # one-second resolution: few distinct stamps
-        for key, stamp in oldest_text.items():
-            seconds = parsed.get(stamp, _UNPARSED)
-            if seconds is _UNPARSED:
-                seconds = parsed[stamp] = parse_pgbouncer_time(stamp)
-            oldest[position[key]] = cast(float | None, seconds)
+        stamps = cols[connect_at]
+        # one-second resolution: few distinct stamps, each parsed once
+        parsed = {stamp: parse_pgbouncer_time(stamp) for stamp in set(stamps) if type(stamp) is str}
+        if n == len(rows):
+            # one connection per (database, user), e.g. a client per pool: each is its group's oldest
+            oldest = list(map(parsed.get, stamps))
+        else:
+            oldest_text: dict[ConnKey, str] = {}
+            for key, stamp in zip(pairs, stamps, strict=True):
+                if type(stamp) is str and (key not in oldest_text or stamp < oldest_text[key]):
+                    oldest_text[key] = stamp
+            for key, stamp in oldest_text.items():
+                oldest[position[key]] = parsed[stamp]
     max_wait: list[float | None] = [None] * n
     wait_at = index.get("wait")
     if wait_at is not None:
@@ -1326,6 +1349,8 @@ class PgBouncerSource:
         #: the exposition format families are pre-rendered in while the next SHOW is in flight
         #: (the engine sets it to the format the last scrape asked for); None: not pre-rendered
         self.render_openmetrics: bool | None = False
+        #: the last SHOW POOLS / STATS / DATABASES tables: their unchanged columns are reused
+        self._last_tables: dict[str, Table] = {}
         self._label_cache = LabelTextCache()  # only touched by the collection holding the lock
         self._conn: psycopg.AsyncConnection[TupleRow] | None = None
         self._endpoint: _Endpoint | None = None
@@ -1638,7 +1663,9 @@ class PgBouncerSource:
                 raise ValueError("SHOW VERSION returned neither a row nor a NOTICE")
             obs.version, obs.version_tuple = text, parse_version(text)
         elif name in ("pools", "stats", "databases"):
-            setattr(obs, name, parse_table(columns, rows))
+            table = parse_table(columns, rows, self._last_tables.get(name))
+            self._last_tables[name] = table
+            setattr(obs, name, table)
         elif name == "lists":
             obs.lists = parse_lists(columns, rows)
         elif name == "config":
