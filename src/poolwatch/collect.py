@@ -14,7 +14,7 @@ import platform
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client.metrics_core import Metric
 
@@ -35,7 +35,9 @@ from poolwatch.metrics import (
 )
 from poolwatch.probes import ProbeState, pgbouncer_check, probe_families, run_check
 from poolwatch.sources.pgbouncer import PgBouncerObservation, PgBouncerSource, PoolFilter
-from poolwatch.sources.postgres import PostgresSource
+
+if TYPE_CHECKING:  # imported when a PostgreSQL target exists: asyncpg costs ~6 MB of memory
+    from poolwatch.sources.postgres import PostgresSource
 
 log = get_logger("poolwatch.collect")
 
@@ -305,6 +307,8 @@ class Engine:
         for pg in self.config.postgres:
             if not pg.probe:
                 continue
+            from poolwatch.sources.postgres import PostgresSource
+
             source = by_name[pg.name].source
             if isinstance(source, PostgresSource):
                 params = pg.connection_params(5432, None)
@@ -472,6 +476,7 @@ def _pgbouncer_source(target: PgBouncerTarget) -> PgBouncerSource:
 
 def _postgres_source(target: PostgresTarget) -> PostgresSource:
     from poolwatch.config import postgres_url
+    from poolwatch.sources.postgres import PostgresSource
 
     params = target.connection_params(5432, None)
     return PostgresSource(

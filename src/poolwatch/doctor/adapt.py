@@ -11,7 +11,6 @@ from poolwatch.doctor.facts import ActivityRow, PgBouncerFacts, PostgresFacts, P
 from poolwatch.metrics import SourceResult
 from poolwatch.probes import ProbeState
 from poolwatch.sources.pgbouncer import PgBouncerObservation
-from poolwatch.sources.postgres import PostgresObservation
 
 
 def _epoch(value: Any) -> float:
@@ -21,6 +20,8 @@ def _epoch(value: Any) -> float:
 
 
 def postgres_facts(result: SourceResult) -> PostgresFacts:
+    from poolwatch.sources.postgres import PostgresObservation  # only with PostgreSQL targets
+
     obs = result.observation
     if not isinstance(obs, PostgresObservation):
         return PostgresFacts(result.target, up=False, collected_at=0.0, down_detail=result.detail)
