@@ -60,6 +60,12 @@ BAD_CONFIGS = [
     ("invalid yaml", "listen: [\n", "invalid YAML"),
     ("bad listen", "listen: 'localhost:http'\n", "listen: listen address 'localhost:http' is not HOST:PORT"),
     (
+        "cached body limit not a count",
+        "collection:\n  cached_body_max_series: lots\n",
+        "collection.cached_body_max_series: Input should be a valid integer, unable to parse string as an "
+        "integer (got 'lots')",
+    ),
+    (
         "probe cap negative",
         "pgbouncers:\n  - name: a\n    probe:\n      max_databases: -2\n",
         "pgbouncers[0].probe.max_databases: Input should be greater than or equal to 0 (got -2)",

@@ -3,6 +3,8 @@
 * Two PgBouncer and two PostgreSQL targets: each metric is one group under one HELP/TYPE header
   with every target's series in it (a second header for a name is a parse error to ``promtool
   check metrics`` and to Prometheus's OpenMetrics parser).
+* A body above ``collection.cached_body_max_series`` is streamed (rendered per scrape, chunked)
+  and is byte for byte the snapshot's whole exposition.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ import shutil
 import subprocess
 from collections import Counter
 
+import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from poolwatch import collect
+from poolwatch.collect import Engine
 from poolwatch.localcluster import PgBouncerServer, PostgresServer
+from poolwatch.server import make_app
 from tests.daemon import make_config, pgbouncer_target, postgres_target, running_daemon
 
 OPENMETRICS = {"Accept": "application/openmetrics-text; version=1.0.0"}
@@ -64,3 +71,52 @@ async def test_two_targets_of_each_kind_share_one_header_per_metric(
     om_families = {f.name for f in parse_openmetrics(om)}  # type: ignore[no-untyped-call]
     assert {"pgbouncer_up", "pg_up"} <= om_families
     await _promtool(text)
+
+
+async def test_streamed_body_is_the_whole_exposition(
+    pgb: PgBouncerServer, pg: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body over the limit is not kept: each scrape renders it piece by piece and sends it
+    chunked. What arrives is byte for byte the snapshot's whole exposition, in both formats."""
+    monkeypatch.setattr(collect, "STREAM_PIECE_SERIES", 20)  # many pieces, even from a small fleet
+    config = make_config(
+        pgbouncers=[pgbouncer_target(pgb, "pgb-a"), pgbouncer_target(pgb, "pgb-b")],
+        postgres=[postgres_target(pg, "db-a")],
+        collection={"interval": 3600, "max_age": 3600, "cached_body_max_series": 1},
+        probes={"interval": 3600},
+    )
+    engine = Engine(config)
+    runner = web.AppRunner(make_app(lambda: engine))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        snapshot = await engine.current()
+        assert snapshot.streamed and snapshot.series() > 100
+        async with aiohttp.ClientSession() as session:
+            for headers, openmetrics in (({}, False), (OPENMETRICS, True)):
+                for _ in range(2):  # rendered again for the second scrape, from the same snapshot
+                    async with session.get(f"http://{host}:{port}/metrics", headers=headers) as response:
+                        assert response.status == 200
+                        assert response.headers["Transfer-Encoding"] == "chunked"
+                        body = await response.read()
+                    assert engine.snapshot is snapshot
+                    assert body == snapshot.body(openmetrics).join()
+                text = body.decode()
+                assert max(_headers(text).values()) == 1
+                if openmetrics:
+                    assert text.endswith("# EOF\n")
+                    assert {"pgbouncer_up", "pg_up"} <= {f.name for f in parse_openmetrics(text)}  # type: ignore[no-untyped-call]
+                else:
+                    await _promtool(text)
+            # a scraper that goes away mid-body costs nothing but its own response
+            async with session.get(f"http://{host}:{port}/metrics") as response:
+                await response.content.read(1000)
+                response.close()
+            async with session.get(f"http://{host}:{port}/metrics") as response:
+                assert (await response.read()) == snapshot.body().join()
+        assert not snapshot._rendered  # nothing kept between scrapes
+    finally:
+        await runner.cleanup()
+        await engine.stop()

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import platform
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -29,8 +29,10 @@ from poolwatch.metrics import (
     counter,
     drop_rendered,
     exposition,
+    exposition_order,
     family_size,
     gauge,
+    render_family,
     unrendered_series,
 )
 from poolwatch.probes import ProbeState, pgbouncer_check, probe_families, run_check
@@ -73,6 +75,9 @@ RENDER_IN_THREAD_SERIES = 20_000
 #: a body equally fast, while a write per small family or a copy of the body costs more.
 SMALL_CHUNK = 64 << 10
 WRITE_BLOCK = 256 << 10
+#: A streamed snapshot is rendered and written this many series at a time (about 1 MB of text):
+#: large enough that the thread hop per piece is noise, small enough to be the only copy held.
+STREAM_PIECE_SERIES = 10_000
 
 
 @dataclass
@@ -81,18 +86,24 @@ class Snapshot:
 
     The scrape body is rendered once per snapshot and format (``metrics.exposition``; sources
     pre-render their large families while their next query is in flight) and served as the same
-    chunks to every scrape until the next collection.
+    chunks to every scrape until the next collection. A ``streamed`` snapshot (more series than
+    ``collection.cached_body_max_series``) never holds its body whole: each scrape renders it
+    piece by piece (``pieces``) as the socket takes it, so memory stays at one piece.
     """
 
     families: list[Metric]
     results: dict[str, SourceResult]
     taken_at: float
     monotonic: float
+    streamed: bool = False
     _rendered: dict[str, Exposition] = field(default_factory=dict)
     _rendering: dict[str, asyncio.Future[Exposition]] = field(default_factory=dict)
 
     def body(self, openmetrics: bool = False) -> Exposition:
-        """The scrape body as chunks, rendered once per format and snapshot."""
+        """The scrape body as chunks, rendered once per format and snapshot (a streamed one's:
+        rendered whole at every call, never kept)."""
+        if self.streamed:
+            return exposition(self.families, openmetrics=openmetrics)
         key = "om" if openmetrics else "text"
         cached = self._rendered.get(key)
         if cached is None:
@@ -133,6 +144,22 @@ class Snapshot:
     async def render_async(self, openmetrics: bool = False) -> bytes:
         return (await self.body_async(openmetrics)).join()
 
+    async def pieces(self, openmetrics: bool = False) -> AsyncIterator[bytes]:
+        """The body as pieces of about ``STREAM_PIECE_SERIES`` series (or one larger family),
+        each rendered when the previous one has been written; large ones in a worker thread."""
+        batch: list[tuple[Metric, bool]] = []
+        series = 0
+        for family, header in exposition_order(self.families):
+            batch.append((family, header))
+            series += family_size(family)
+            if series >= STREAM_PIECE_SERIES:
+                yield await _render_piece(batch, series, openmetrics)
+                batch, series = [], 0
+        if batch:
+            yield await _render_piece(batch, series, openmetrics)
+        if openmetrics:
+            yield b"# EOF\n"
+
     def series(self) -> int:
         return sum(family_size(f) for f in self.families)
 
@@ -140,6 +167,13 @@ class Snapshot:
         """Drop the rendered bodies (a new collection is coming); ``body`` makes them again."""
         self._rendered.clear()
         drop_rendered(self.families)
+
+
+async def _render_piece(families: list[tuple[Metric, bool]], series: int, openmetrics: bool) -> bytes:
+    def render() -> bytes:
+        return b"".join(render_family(f, openmetrics=openmetrics, header=h) for f, h in families)
+
+    return await asyncio.to_thread(render) if series > RENDER_IN_THREAD_SERIES // 4 else render()
 
 
 class Engine:
@@ -204,9 +238,11 @@ class Engine:
             # reason to hold two large bodies at once
             self._snapshot.release_rendering()
         timeout = self.config.collection.timeout
+        cache_limit = self.config.collection.cached_body_max_series
         for runtime in self.targets:
             if isinstance(runtime.source, PgBouncerSource):
                 runtime.source.render_openmetrics = self.prefer_openmetrics
+                runtime.source.prerender_series_max = cache_limit
         results = await asyncio.gather(*(self._collect_target(t, timeout) for t in self.targets))
         snap = Snapshot(
             families=[],
@@ -224,10 +260,14 @@ class Engine:
             except Exception:  # the doctor must never cost the metrics
                 log.exception("pool doctor failed")
         snap.families.extend(self._self_families())
-        try:
-            await snap.body_async(self.prefer_openmetrics)
-        except Exception:  # rendered again (and the error seen) by the scrape
-            log.exception("rendering the snapshot failed")
+        snap.streamed = cache_limit > 0 and snap.series() > cache_limit
+        if snap.streamed:
+            drop_rendered(snap.families)  # pre-rendered before the total was known
+        else:
+            try:
+                await snap.body_async(self.prefer_openmetrics)
+            except Exception:  # rendered again (and the error seen) by the scrape
+                log.exception("rendering the snapshot failed")
         self._snapshot = snap
         for hook in self._after_collect:
             try:

@@ -257,6 +257,12 @@ class Collection(_Model):
     max_age: Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)] = Field(
         default=1.0, description="a scrape reuses a collection younger than this; older triggers a new one"
     )
+    cached_body_max_series: int = Field(
+        default=500_000,
+        ge=0,
+        description="a body with more series is not kept between scrapes but rendered for each "
+        "scrape, piece by piece, to bound memory (0: always keep)",
+    )
 
 
 class Probes(_Model):

@@ -8,8 +8,9 @@ last results.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -52,22 +53,53 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         if stale is None:
             return web.Response(status=503, text="collection did not finish in time\n")
         snapshot = stale
-    body = await snapshot.body_async(openmetrics=openmetrics)
     headers = {"Content-Type": OPENMETRICS_TYPE if openmetrics else TEXT_TYPE}
+    if snapshot.streamed:
+        # too large to keep between scrapes: rendered piece by piece as the socket takes it
+        response = web.StreamResponse(headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await _write_ahead(response, snapshot.pieces(openmetrics))
+        await response.write_eof()
+        return response
+    body = await snapshot.body_async(openmetrics=openmetrics)
     if body.size <= BODY_SLICE:
         return web.Response(body=body.join(), headers=headers)
     response = web.StreamResponse(headers=headers)
     response.content_length = body.size
     await response.prepare(request)
-    for chunk in body.chunks:  # a family or a group of small ones (Snapshot.body); huge ones sliced
-        if len(chunk) <= BODY_SLICE:
-            await response.write(chunk)
-            continue
-        view = memoryview(chunk)
-        for start in range(0, len(chunk), BODY_SLICE):
-            await response.write(view[start : start + BODY_SLICE])
+    for chunk in body.chunks:  # a family or a group of small ones (Snapshot.body)
+        await _write(response, chunk)
     await response.write_eof()
     return response
+
+
+async def _write_ahead(response: web.StreamResponse, pieces: AsyncIterator[bytes]) -> None:
+    """Write ``pieces`` while the next one is being rendered (in a worker thread): the socket
+    and the renderer work at the same time, and at most two pieces exist at once."""
+    upcoming = asyncio.ensure_future(anext(pieces))
+    try:
+        while True:
+            try:
+                piece = await upcoming
+            except StopAsyncIteration:
+                return
+            upcoming = asyncio.ensure_future(anext(pieces))
+            await _write(response, piece)
+    finally:
+        if not upcoming.done():  # the scraper went away mid-body
+            upcoming.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await upcoming
+
+
+async def _write(response: web.StreamResponse, chunk: bytes) -> None:
+    if len(chunk) <= BODY_SLICE:
+        await response.write(chunk)
+        return
+    view = memoryview(chunk)
+    for start in range(0, len(chunk), BODY_SLICE):
+        await response.write(view[start : start + BODY_SLICE])
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -61,6 +61,8 @@ from poolwatch.metrics import (
     LabelTextCache,
     SourceResult,
     as_float,
+    drop_rendered,
+    family_size,
     label_column,
     label_text,
     numeric_column,
@@ -1275,6 +1277,7 @@ class _Run:
     selection: Selection | None = None  # the cardinality guard's choice, once SHOW POOLS is in
     #: pre-render families in this format (True: OpenMetrics) as they are made; None: leave it
     render_openmetrics: bool | None = None
+    prerendered: int = 0  # series pre-rendered so far
 
 
 @dataclass(slots=True)
@@ -1351,6 +1354,8 @@ class PgBouncerSource:
         self.render_openmetrics: bool | None = False
         #: the last SHOW POOLS / STATS / DATABASES tables: their unchanged columns are reused
         self._last_tables: dict[str, Table] = {}
+        #: pre-render no more than this many series (0: no limit); the engine's cached-body limit
+        self.prerender_series_max = 0
         self._label_cache = LabelTextCache()  # only touched by the collection holding the lock
         self._conn: psycopg.AsyncConnection[TupleRow] | None = None
         self._endpoint: _Endpoint | None = None
@@ -1627,7 +1632,14 @@ class PgBouncerSource:
         selection = self._selection(run) if name in _SELECTED else None
         families = collector_families(name, run.obs, self.target, selection, self._label_cache)
         if run.render_openmetrics is not None:
-            prerender(families, openmetrics=run.render_openmetrics)
+            budget = self.prerender_series_max
+            if budget and run.prerendered + sum(map(family_size, families)) > budget:
+                # a body this large is streamed, not kept: rendering it now would hold it whole
+                for done in run.families.values():
+                    drop_rendered(done)
+                run.render_openmetrics = None
+            else:
+                run.prerendered += prerender(families, openmetrics=run.render_openmetrics)
         run.families[name] = families
 
     def _query_failed(
