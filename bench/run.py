@@ -99,6 +99,7 @@ def poolwatch_exporter(
     max_age: float = 0.0,
     pgbouncer_extra: dict[str, Any] | None = None,
     doctor: bool = True,
+    collection: dict[str, Any] | None = None,
 ) -> Exporter:
     """poolwatch as deployed, with background work that is not the scrape's turned off: no probes,
     the background collection loop once an hour. The pool doctor stays on (the default)."""
@@ -106,7 +107,7 @@ def poolwatch_exporter(
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "log": {"level": "warning", "format": "json"},
-        "collection": {"timeout": 60, "interval": 3600, "max_age": max_age},
+        "collection": {"timeout": 60, "interval": 3600, "max_age": max_age, **(collection or {})},
         "probes": {"interval": 3600},
     }
     if not doctor:
@@ -190,6 +191,18 @@ def quiet_gc() -> Iterator[None]:
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)
+
+
+async def measure_variant(exporter: Exporter, label: str, scrapes: int) -> Run:
+    """``scrapes`` scrapes of a freshly started ``exporter``, labelled ``label``."""
+    await in_thread(exporter.start)
+    try:
+        with quiet_gc():
+            run: Run = await in_thread(exporter.measure, scrapes)
+    finally:
+        await in_thread(exporter.stop)
+    run.exporter = label
+    return run
 
 
 async def round_trips(
@@ -293,43 +306,35 @@ async def pgbouncer_phase(
                 f"{run.series} series, peak RSS {run.peak_rss_kb / 1024:.0f} MB, {run.extra}"
             )
         # served from a fresh collection: max_age long, the first scrape collects
-        cached = poolwatch_exporter(
-            work, f"poolwatch-cached-{n}", pgbouncer=target, max_age=3600, pgbouncer_extra=everything
+        cached = await measure_variant(
+            poolwatch_exporter(
+                work, f"poolwatch-cached-{n}", pgbouncer=target, max_age=3600, pgbouncer_extra=everything
+            ),
+            "poolwatch (served from cache)",
+            args.scrapes * 2,
         )
-        await in_thread(cached.start)
-        try:
-            with quiet_gc():
-                run = await in_thread(cached.measure, args.scrapes * 2)
-        finally:
-            await in_thread(cached.stop)
-        run.exporter = "poolwatch (served from cache)"
-        result["runs"].append(run.as_dict())
-        log(f"   cached: median {run.median_ms:.2f} ms, p99 {run.p99_ms:.2f} ms")
-        # where the time goes: the same without the pool doctor (it runs inside every collection)
-        lean = poolwatch_exporter(
-            work, f"poolwatch-nodoctor-{n}", pgbouncer=target, pgbouncer_extra=everything, doctor=False
-        )
-        await in_thread(lean.start)
-        try:
-            with quiet_gc():
-                run = await in_thread(lean.measure, count)
-        finally:
-            await in_thread(lean.stop)
-        run.exporter = "poolwatch (doctor.enabled: false)"
-        result["runs"].append(run.as_dict())
-        log(f"   no doctor: median {run.median_ms:.1f} ms, cpu {run.cpu_ms:.1f} ms")
-        if n > 10_000:
-            # the cardinality guard's default: the first 10,000 pools by name
-            capped = poolwatch_exporter(work, f"poolwatch-capped-{n}", pgbouncer=target)
-            await in_thread(capped.start)
-            try:
-                with quiet_gc():
-                    run = await in_thread(capped.measure, count)
-            finally:
-                await in_thread(capped.stop)
-            run.exporter = "poolwatch (max_pools: 10000, the default)"
+        result["runs"].append(cached.as_dict())
+        log(f"   cached: median {cached.median_ms:.2f} ms, p99 {cached.p99_ms:.2f} ms")
+        variants = [
+            # memory for CPU: the body is never held, each scrape renders it
+            (
+                "poolwatch (body not kept: cached_body_max_series: 1)",
+                {"collection": {"cached_body_max_series": 1}},
+            ),
+            # where the time goes: the pool doctor runs inside every collection
+            ("poolwatch (doctor.enabled: false)", {"doctor": False}),
+        ]
+        if n > 10_000:  # the cardinality guard's default: the first 10,000 pools by name
+            variants.append(("poolwatch (max_pools: 10000, the default)", {"pgbouncer_extra": {}}))
+        for i, (label, options) in enumerate(variants):
+            options = {"pgbouncer_extra": everything, **options}
+            exporter = poolwatch_exporter(work, f"poolwatch-variant-{i}-{n}", pgbouncer=target, **options)
+            run = await measure_variant(exporter, label, count)
             result["runs"].append(run.as_dict())
-            log(f"   capped: median {run.median_ms:.1f} ms, {run.series} series")
+            log(
+                f"   {label}: median {run.median_ms:.1f} ms, cpu {run.cpu_ms:.1f} ms, "
+                f"{run.series} series, peak RSS {run.peak_rss_kb / 1024:.0f} MB"
+            )
     finally:
         await proxy.stop()
         await scenario.stop_pgbouncer()
