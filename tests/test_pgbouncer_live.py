@@ -66,14 +66,15 @@ async def test_pipelined_collection_renders_what_the_pure_function_does(
     make_pgbouncer: MakePgBouncer,
 ) -> None:
     """The collection sends each SHOW while it builds (and pre-renders) the previous one's families,
-    and reuses the label text of the previous collection when the labels did not change. The bytes
-    must be those of ``families_from_observation`` over the same observation, rendered afresh:
-    on the first collection, on a repeat (label text from the cache) and after the pools changed
-    (a waiting client: new state labels, new values)."""
+    and reuses the label text and the families of the previous collection made from the same
+    values. The bytes must be those of ``families_from_observation`` over the same observation,
+    rendered afresh: on the first collection, on a repeat (reused families, pre-rendered in the
+    other format) and after the pools changed (a waiting client: new state labels, new values)."""
     pgb = make_pgbouncer(default_pool_size=1)
     source = _source(pgb, hold_connection="always")
 
-    async def compare() -> PgBouncerObservation:
+    async def compare(openmetrics: bool = False) -> tuple[PgBouncerObservation, list[Metric]]:
+        source.render_openmetrics = openmetrics  # the format families are pre-rendered in
         result = await source.collect(5)
         assert result.up and all(o.ok for o in result.outcomes), result.outcomes
         obs = result.observation
@@ -81,19 +82,28 @@ async def test_pipelined_collection_renders_what_the_pure_function_does(
         fresh = families_from_observation(obs, "pgb", select_pools(obs, source.pool_filter))
         collected = [f for f in result.families if f.name not in ("pgbouncer_up", "poolwatch_pools_dropped")]
         assert [f.name for f in collected] == [f.name for f in fresh]
-        for openmetrics in (False, True):
+        for form in (False, True):
             assert (
-                exposition(collected, openmetrics=openmetrics).join()
-                == exposition(fresh, openmetrics=openmetrics).join()
+                exposition(collected, openmetrics=form).join() == exposition(fresh, openmetrics=form).join()
             )
-        return obs
+        return obs, collected
 
     try:
-        await compare()
-        await compare()
+        _, first = await compare()
+        # nothing changed but the counters: most families are last collection's objects, and
+        # they are rendered again for the other format
+        _, second = await compare(openmetrics=True)
+        reused = [f for f in second if any(f is g for g in first)]
+        assert len(reused) >= 5, [f.name for f in reused]
+        assert {f.name for f in reused} >= {
+            "pgbouncer_databases_pool_size",
+            "pgbouncer_pools_client_waiting_connections",
+        }
         async with hold_transactions(pgb.app_dsn(), pgb.app_password, 2, wait_holding=1):
             await asyncio.to_thread(pgb.wait_for_pool, "app", cl_waiting=1, cl_active=1)
-            obs = await compare()
+            obs, third = await compare()
+        waiting = [f for f in third if f.name == "pgbouncer_pools_client_waiting_connections"]
+        assert waiting and not any(waiting[0] is g for g in second)  # a changed column: a new family
         assert obs.clients[("app", pgb.app_user)].states == {"active": 1, "waiting": 1}
         await compare()
     finally:

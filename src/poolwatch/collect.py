@@ -108,9 +108,9 @@ class Snapshot:
         cached = self._rendered.get(key)
         if cached is None:
             cached = exposition(self.families, openmetrics=openmetrics)
-            # the families' pre-rendered bytes are now the body's (held once); tiny families are
-            # grouped so a scrape is one write per ~100 KiB or more, never a copy of the body
-            drop_rendered(self.families)
+            # the body holds the families' pre-rendered bytes themselves (no copy; a family reused
+            # by the next collection keeps them); tiny families are grouped so a scrape is one
+            # write per ~100 KiB or more, never a copy of the body
             cached.coalesce(SMALL_CHUNK, WRITE_BLOCK)
             self._rendered[key] = cached
         return cached
@@ -164,9 +164,12 @@ class Snapshot:
         return sum(family_size(f) for f in self.families)
 
     def release_rendering(self) -> None:
-        """Drop the rendered bodies (a new collection is coming); ``body`` makes them again."""
+        """Drop the rendered bodies (a new collection is coming); ``body`` makes them again.
+
+        Pre-rendered family bytes stay with their families: the next collection reuses the
+        families it would make again the same way, and drops the others' bytes as it replaces
+        them (``metrics.BuildCache``), so two bodies are never held at once."""
         self._rendered.clear()
-        drop_rendered(self.families)
 
 
 async def _render_piece(families: list[tuple[Metric, bool]], series: int, openmetrics: bool) -> bytes:

@@ -53,12 +53,12 @@ from psycopg.types.numeric import IntLoader
 from poolwatch.errors import classify
 from poolwatch.logs import scrub
 from poolwatch.metrics import (
+    BuildCache,
     CollectorOutcome,
     ColumnarFamily,
     ErrorReason,
     FamilyBuilder,
     LabelTable,
-    LabelTextCache,
     SourceResult,
     as_float,
     drop_rendered,
@@ -732,7 +732,7 @@ def _table_families(
     rows: Sequence[Mapping[str, Value]],
     target: str,
     keep: Sequence[int] | None = None,
-    label_cache: LabelTextCache | None = None,
+    cache: BuildCache | None = None,
 ) -> list[Metric]:
     """The families of one SHOW, column by column: a column of the result is a family's values.
 
@@ -754,7 +754,7 @@ def _table_families(
     label_names = (TARGET_LABEL, *COMMAND_LABELS[command])
     label_values = [label_column(table.column(name) or [None] * n) for name in label_names[1:]]
     # the same label values as last time (checked unique then): last time's text, no checks
-    labels = label_cache.lookup(command, label_names, [[target] * n, *label_values]) if label_cache else None
+    labels = cache.lookup(command, label_names, [[target] * n, *label_values]) if cache else None
     if labels is None:
         if len(set(zip(*label_values, strict=True))) != n:
             # duplicate rows (some forks return them): the first of each label set wins
@@ -766,26 +766,32 @@ def _table_families(
             label_values = [[column[i] for i in unique] for column in label_values]
             n = len(unique)
         labels = LabelTable(label_names, [[target] * n, *label_values])
-        if label_cache is not None:
-            label_cache.store(command, labels)
+        if cache is not None:
+            cache.store(command, labels)
     families: list[Metric] = []
     for spec in present:
-        numbers, kept, integers = numeric_column(cast(Sequence[object], table.column(spec.column)))
+        column = table.column(spec.column)
+        extra = table.column(spec.subsecond_us) if spec.subsecond_us is not None else None
+        # the same label table and the same column objects as last collection: the same family
+        inputs = (labels, column, extra)
+        family_key = f"{command}:{spec.metric}"
+        reused = cache.family(family_key, inputs) if cache is not None else None
+        if reused is not None:
+            families.append(reused)
+            continue
+        numbers, kept, integers = numeric_column(cast(Sequence[object], column))
         exponent = 0
-        if spec.subsecond_us is not None:
-            extra = table.column(spec.subsecond_us)
-            if extra is not None and any(extra):
-                extra = extra if kept is None else [extra[i] for i in kept]
-                if integers and _all_int(extra):  # seconds + microseconds: exact microseconds
-                    whole = cast(Sequence[int], numbers)
-                    micros = cast(Sequence[int], extra)
-                    numbers = [v * 1_000_000 + us for v, us in zip(whole, micros, strict=True)]
-                    exponent = -6
-                else:
-                    numbers = [
-                        v + (as_float(us) or 0.0) / 1e6 if us else v
-                        for v, us in zip(numbers, extra, strict=True)
-                    ]
+        if extra is not None and any(extra):  # seconds plus a microseconds column
+            extra = extra if kept is None else [extra[i] for i in kept]
+            if integers and _all_int(extra):  # seconds + microseconds: exact microseconds
+                whole = cast(Sequence[int], numbers)
+                micros = cast(Sequence[int], extra)
+                numbers = [v * 1_000_000 + us for v, us in zip(whole, micros, strict=True)]
+                exponent = -6
+            else:
+                numbers = [
+                    v + (as_float(us) or 0.0) / 1e6 if us else v for v, us in zip(numbers, extra, strict=True)
+                ]
         if not exponent and spec.scale == MICROSECONDS and integers:
             exponent = -6  # written as 85817e-6: exact, and cheaper than a float's repr
         elif not exponent and spec.scale != 1.0:
@@ -795,7 +801,10 @@ def _table_families(
             continue  # NULL everywhere: no samples, no family
         family_labels = labels if kept is None else labels.take(kept)
         name = _family_name(spec.metric, spec.kind)
-        families.append(ColumnarFamily(name, spec.help, spec.kind, family_labels, numbers, exponent=exponent))
+        family = ColumnarFamily(name, spec.help, spec.kind, family_labels, numbers, exponent=exponent)
+        families.append(family)
+        if cache is not None:
+            cache.remember(family_key, inputs, family)
     return families
 
 
@@ -827,13 +836,13 @@ def _derived(metric: str) -> FamilyBuilder:
 
 
 def _label_table(
-    names: Sequence[str], columns: list[list[str]], cache_key: str, label_cache: LabelTextCache | None
+    names: Sequence[str], columns: list[list[str]], cache_key: str, cache: BuildCache | None
 ) -> LabelTable:
-    if label_cache is None:
+    if cache is None:
         return LabelTable(names, columns)
-    table = label_cache.lookup(cache_key, names, columns)
+    table = cache.lookup(cache_key, names, columns)
     if table is None:
-        table = label_cache.store(cache_key, LabelTable(names, columns))
+        table = cache.store(cache_key, LabelTable(names, columns))
     return table
 
 
@@ -843,7 +852,7 @@ def _connection_families(
     prefix: str,
     collected_at: float,
     selection: Selection,
-    label_cache: LabelTextCache | None = None,
+    cache: BuildCache | None = None,
 ) -> list[Metric]:
     conns = Connections.from_groups(groups)
     triples: list[tuple[str, str, str]] = list(conns.state_counts)
@@ -862,14 +871,15 @@ def _connection_families(
     if triples:
         d = _DERIVED[f"pgbouncer_{prefix}"]
         columns = [[target] * len(triples), *map(list, zip(*triples, strict=True))]
-        labels = _label_table(d.labels, columns, d.metric, label_cache)
-        families.append(ColumnarFamily(_family_name(d.metric, d.kind), d.help, d.kind, labels, counts))
+        labels = _label_table(d.labels, columns, d.metric, cache)
+        family = ColumnarFamily(_family_name(d.metric, d.kind), d.help, d.kind, labels, counts)
+        families.append(family)
     oldest_name = f"pgbouncer_{prefix}_oldest_connection_age_seconds"
     extra_name = "pgbouncer_clients_max_wait_seconds" if clients else "pgbouncer_servers_close_needed"
     if not keys:
         return families
     columns = [[target] * len(keys), *map(list, zip(*keys, strict=True))]
-    per_key = _label_table(_DERIVED[oldest_name].labels, columns, oldest_name, label_cache)
+    per_key = _label_table(_DERIVED[oldest_name].labels, columns, oldest_name, cache)
     # ages in whole milliseconds, written as integers (not a float's repr per series); connect
     # times have one-second resolution, so each distinct one is converted once
     now_ms = collected_at * 1000
@@ -893,6 +903,9 @@ def _connection_families(
                 exponent=exponent,
             )
             families.append(family)
+    if cache is not None:
+        for made in families:  # never reused (ages move), but last time's bytes are let go now
+            cache.remember(f"{prefix}:{made.name}", (object(),), made)
     return families
 
 
@@ -908,12 +921,12 @@ def collector_families(
     obs: PgBouncerObservation,
     target: str,
     selection: Selection | None = None,
-    label_cache: LabelTextCache | None = None,
+    cache: BuildCache | None = None,
 ) -> list[Metric]:
     """The families one collector's SHOW contributes (``families_from_observation`` for one of
     ``COLLECTORS``): a collection turns each SHOW into families as soon as its rows are in, while
     the next SHOW is in flight. Stats, databases and clients follow ``selection``'s pools;
-    ``label_cache`` (one per target) reuses the label text of the previous collection."""
+    ``cache`` (one per target) reuses what the previous collection made from the same values."""
     selection = selection if selection is not None else Selection()
     if name == "version":
         if not obs.version:
@@ -922,13 +935,13 @@ def collector_families(
         version.add_prepared((target, obs.version), 1.0)
         return [version.build()]
     if name == "pools":
-        return _table_families("pools", obs.pools, target, selection.pools, label_cache)
+        return _table_families("pools", obs.pools, target, selection.pools, cache)
     if name == "stats":
         keep = _name_keep(obs.stats, "database", selection)
-        return _table_families("stats", obs.stats, target, keep, label_cache)
+        return _table_families("stats", obs.stats, target, keep, cache)
     if name == "databases":
         keep = _name_keep(obs.databases, "name", selection)
-        return _table_families("databases", obs.databases, target, keep, label_cache)
+        return _table_families("databases", obs.databases, target, keep, cache)
     if name == "lists":
         return [b.build() for b in _keyed_families(columns_for("lists"), obs.lists, target) if len(b)]
     if name == "config":
@@ -940,7 +953,7 @@ def collector_families(
         return [b.build() for b in builders if len(b)]
     if name in ("clients", "servers") and name in obs.collected:
         groups = obs.clients if name == "clients" else obs.servers
-        return _connection_families(groups, target, name, obs.collected_at, selection, label_cache)
+        return _connection_families(groups, target, name, obs.collected_at, selection, cache)
     return []
 
 
@@ -1356,7 +1369,7 @@ class PgBouncerSource:
         self._last_tables: dict[str, Table] = {}
         #: pre-render no more than this many series (0: no limit); the engine's cached-body limit
         self.prerender_series_max = 0
-        self._label_cache = LabelTextCache()  # only touched by the collection holding the lock
+        self._build_cache = BuildCache()  # only touched by the collection holding the lock
         self._conn: psycopg.AsyncConnection[TupleRow] | None = None
         self._endpoint: _Endpoint | None = None
         self._lock = asyncio.Lock()
@@ -1630,7 +1643,7 @@ class PgBouncerSource:
         self._absorb(run.obs, name, columns, rows, notices)
         run.obs.collected.add(name)
         selection = self._selection(run) if name in _SELECTED else None
-        families = collector_families(name, run.obs, self.target, selection, self._label_cache)
+        families = collector_families(name, run.obs, self.target, selection, self._build_cache)
         if run.render_openmetrics is not None:
             budget = self.prerender_series_max
             if budget and run.prerendered + sum(map(family_size, families)) > budget:
