@@ -357,6 +357,23 @@ async def test_direct_connections_flip(
         )
 
 
+async def sessions_settled(pg: PostgresServer, timeout: float = 15.0) -> None:
+    """Wait until the client backends and the abandoned-session counter stop moving: a PgBouncer
+    stopped by an earlier test drops its server connections without a Terminate message, and on
+    a loaded machine their backends are counted as abandoned seconds later."""
+    query = (
+        "SELECT (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+        " AND pid <> pg_backend_pid()), (SELECT sum(sessions_abandoned) FROM pg_stat_database)"
+    )
+    deadline = time.monotonic() + timeout
+    seen: list[tuple[Any, ...]] = []
+    while time.monotonic() < deadline:
+        seen.append((await asyncio.to_thread(pg.execute, query))[0])
+        if len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]:
+            return
+        await asyncio.sleep(0.5)
+
+
 async def test_long_transactions_age_churn_and_abandoned_sessions(doctor_pg: PostgresServer) -> None:
     short = {
         "idle_in_transaction_warn": 0.5,
@@ -365,6 +382,7 @@ async def test_long_transactions_age_churn_and_abandoned_sessions(doctor_pg: Pos
         "recycle_max": 1.5,
     }
     data = config_data(postgres=[pg_target(doctor_pg)], targets={"db": short})
+    await sessions_settled(doctor_pg)  # the tests before this one leave backends still exiting
     calm = await doctor(data, sample=0.6)
     for check in ("long_transactions", "connection_churn", "graceful_shutdown"):
         assert status(calm, "db", check) is Status.OK, calm[("db", check)]
