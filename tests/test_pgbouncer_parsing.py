@@ -22,13 +22,14 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from poolwatch.metrics import FamilyBuilder
+from poolwatch.metrics import BuildCache, FamilyBuilder
 from poolwatch.sources.pgbouncer import (
     COLLECTORS,
     Listener,
     PgBouncerObservation,
     aggregate_connections,
     classify_pgbouncer_error,
+    collector_families,
     families_from_observation,
     find_listeners,
     matching_listeners,
@@ -330,6 +331,24 @@ def test_duplicate_rows_make_one_series() -> None:
     samples(families)  # asserts no duplicate series
     assert value(families, "pgbouncer_pools_client_active_connections", database="app", user="app") == 1
     assert value(families, "pgbouncer_pools_client_active_connections", database="app", user="other") == 2
+
+
+def test_duplicate_rows_stay_one_series_when_the_next_collection_reuses_them() -> None:
+    """The next collection with the very same columns takes last time's labels and row choice."""
+    rows = [
+        _pool_row("app", "app", cl_active=1),
+        _pool_row("app", "app", cl_active=9),
+        _pool_row("app", "other", cl_active=2),
+    ]
+    cache = BuildCache()
+    first_table = parse_table(POOL_COLUMNS, rows)
+    again_table = parse_table(POOL_COLUMNS, [tuple(r) for r in rows], previous=first_table)
+    for table in (first_table, again_table, again_table):
+        obs = PgBouncerObservation(collected_at=0.0, pools=table, collected={"pools"})
+        families = collector_families("pools", obs, TARGET, None, cache)
+        samples(families)  # asserts no duplicate series
+        assert value(families, "pgbouncer_pools_client_active_connections", database="app", user="app") == 1
+        assert value(families, "pgbouncer_pools_client_active_connections", database="app", user="other") == 2
 
 
 def test_older_column_names_map_to_the_newest() -> None:

@@ -160,11 +160,23 @@ class BuildCache:
     (labels and value column, compared by identity) is last time's family, rendered text included.
     """
 
-    __slots__ = ("_families", "_labels")
+    __slots__ = ("_families", "_labels", "_made_from")
 
     def __init__(self) -> None:
         self._labels: dict[str, LabelTable] = {}
         self._families: dict[str, tuple[tuple[object, ...], Metric]] = {}
+        self._made_from: dict[str, tuple[tuple[object, ...], object]] = {}
+
+    def made_from(self, key: str, inputs: tuple[object, ...]) -> object | None:
+        """What was kept under ``key`` last collection if it was made from these very objects."""
+        entry = self._made_from.get(key)
+        if entry is not None and _same_objects(entry[0], inputs):
+            return entry[1]
+        return None
+
+    def keep(self, key: str, inputs: tuple[object, ...], made: object) -> None:
+        """Keep ``made`` (from ``inputs``) for ``made_from`` in the next collection."""
+        self._made_from[key] = (inputs, made)
 
     def lookup(self, key: str, names: Sequence[str], columns: Sequence[Sequence[str]]) -> LabelTable | None:
         """Last time's table (text made) when these labels are the same, else None."""
@@ -182,9 +194,7 @@ class BuildCache:
     def family(self, key: str, inputs: tuple[object, ...]) -> Metric | None:
         """Last time's family ``key`` if it was made from these very objects, else None."""
         entry = self._families.get(key)
-        if entry is None or len(entry[0]) != len(inputs):
-            return None
-        if all(a is b for a, b in zip(entry[0], inputs, strict=True)):
+        if entry is not None and _same_objects(entry[0], inputs):
             return entry[1]
         return None
 
@@ -195,6 +205,10 @@ class BuildCache:
         if old is not None and old[1] is not family and isinstance(old[1], ColumnarFamily):
             old[1].rendered = None
         self._families[key] = (inputs, family)
+
+
+def _same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 _SUFFIX = {"counter": "_total", "info": "_info"}

@@ -752,22 +752,53 @@ def _table_families(
     if n == 0:
         return []
     label_names = (TARGET_LABEL, *COMMAND_LABELS[command])
-    label_values = [label_column(table.column(name) or [None] * n) for name in label_names[1:]]
+    sources = (target, *(table.column(name) for name in label_names[1:]))
+    # the very label columns of last collection (parse_table keeps an unchanged column): its
+    # label table, and its choice of rows if some were duplicates
+    made = cache.made_from(command, sources) if cache is not None else None
+    if made is None:
+        made = _labels_for(command, label_names, sources, n, cache)
+        if cache is not None:
+            cache.keep(command, sources, made)
+    labels, unique = cast(tuple[LabelTable, list[int] | None], made)
+    if unique is not None:
+        table = table.take(unique)
+    return _value_families(command, table, labels, present, cache)
+
+
+def _labels_for(
+    command: str,
+    label_names: tuple[str, ...],
+    sources: tuple[Any, ...],
+    n: int,
+    cache: BuildCache | None,
+) -> tuple[LabelTable, list[int] | None]:
+    """The label table of a SHOW's rows (target, then its label columns) and, when some rows
+    repeat a label set (some forks return duplicates), the rows kept: the first of each."""
+    target = sources[0]
+    label_values = [label_column(column or [None] * n) for column in sources[1:]]
     # the same label values as last time (checked unique then): last time's text, no checks
     labels = cache.lookup(command, label_names, [[target] * n, *label_values]) if cache else None
-    if labels is None:
-        if len(set(zip(*label_values, strict=True))) != n:
-            # duplicate rows (some forks return them): the first of each label set wins
-            first: dict[tuple[str, ...], int] = {}
-            for i, key in enumerate(zip(*label_values, strict=True)):
-                first.setdefault(key, i)
-            unique = sorted(first.values())
-            table = table.take(unique)
-            label_values = [[column[i] for i in unique] for column in label_values]
-            n = len(unique)
-        labels = LabelTable(label_names, [[target] * n, *label_values])
-        if cache is not None:
-            cache.store(command, labels)
+    if labels is not None:
+        return labels, None
+    unique: list[int] | None = None
+    if len(set(zip(*label_values, strict=True))) != n:
+        first: dict[tuple[str, ...], int] = {}
+        for i, key in enumerate(zip(*label_values, strict=True)):
+            first.setdefault(key, i)
+        unique = sorted(first.values())
+        label_values = [[column[i] for i in unique] for column in label_values]
+        n = len(unique)
+    labels = LabelTable(label_names, [[target] * n, *label_values])
+    if cache is not None:
+        cache.store(command, labels)
+    return labels, unique
+
+
+def _value_families(
+    command: str, table: Table, labels: LabelTable, present: Sequence[ColumnMetric], cache: BuildCache | None
+) -> list[Metric]:
+    """One family per value column of ``table``, all with ``labels`` (one per row)."""
     families: list[Metric] = []
     for spec in present:
         column = table.column(spec.column)
