@@ -160,23 +160,27 @@ class BuildCache:
     (labels and value column, compared by identity) is last time's family, rendered text included.
     """
 
-    __slots__ = ("_families", "_labels", "_made_from")
+    __slots__ = ("_labels", "_made")
 
     def __init__(self) -> None:
         self._labels: dict[str, LabelTable] = {}
-        self._families: dict[str, tuple[tuple[object, ...], Metric]] = {}
-        self._made_from: dict[str, tuple[tuple[object, ...], object]] = {}
+        self._made: dict[str, tuple[tuple[object, ...], object]] = {}
 
     def made_from(self, key: str, inputs: tuple[object, ...]) -> object | None:
         """What was kept under ``key`` last collection if it was made from these very objects."""
-        entry = self._made_from.get(key)
+        entry = self._made.get(key)
         if entry is not None and _same_objects(entry[0], inputs):
             return entry[1]
         return None
 
     def keep(self, key: str, inputs: tuple[object, ...], made: object) -> None:
-        """Keep ``made`` (from ``inputs``) for ``made_from`` in the next collection."""
-        self._made_from[key] = (inputs, made)
+        """Keep ``made`` (from ``inputs``) for ``made_from`` in the next collection. A family it
+        replaces lets go of its rendered text now, so a body is never held twice while the next
+        one is made."""
+        old = self._made.get(key)
+        if old is not None and old[1] is not made and isinstance(old[1], ColumnarFamily):
+            old[1].rendered = None
+        self._made[key] = (inputs, made)
 
     def lookup(self, key: str, names: Sequence[str], columns: Sequence[Sequence[str]]) -> LabelTable | None:
         """Last time's table (text made) when these labels are the same, else None."""
@@ -190,21 +194,6 @@ class BuildCache:
         table.text()
         self._labels[key] = table
         return table
-
-    def family(self, key: str, inputs: tuple[object, ...]) -> Metric | None:
-        """Last time's family ``key`` if it was made from these very objects, else None."""
-        entry = self._families.get(key)
-        if entry is not None and _same_objects(entry[0], inputs):
-            return entry[1]
-        return None
-
-    def remember(self, key: str, inputs: tuple[object, ...], family: Metric) -> None:
-        """Keep ``family`` (made from ``inputs``) for the next collection. The family it replaces
-        lets go of its rendered text now, so a body is never held twice while the next is made."""
-        old = self._families.get(key)
-        if old is not None and old[1] is not family and isinstance(old[1], ColumnarFamily):
-            old[1].rendered = None
-        self._families[key] = (inputs, family)
 
 
 def _same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:

@@ -806,7 +806,7 @@ def _value_families(
         # the same label table and the same column objects as last collection: the same family
         inputs = (labels, column, extra)
         family_key = f"{command}:{spec.metric}"
-        reused = cache.family(family_key, inputs) if cache is not None else None
+        reused = cast(Metric | None, cache.made_from(family_key, inputs) if cache is not None else None)
         if reused is not None:
             families.append(reused)
             continue
@@ -835,7 +835,7 @@ def _value_families(
         family = ColumnarFamily(name, spec.help, spec.kind, family_labels, numbers, exponent=exponent)
         families.append(family)
         if cache is not None:
-            cache.remember(family_key, inputs, family)
+            cache.keep(family_key, inputs, family)
     return families
 
 
@@ -936,7 +936,7 @@ def _connection_families(
             families.append(family)
     if cache is not None:
         for made in families:  # never reused (ages move), but last time's bytes are let go now
-            cache.remember(f"{prefix}:{made.name}", (object(),), made)
+            cache.keep(f"{prefix}:{made.name}", (object(),), made)
     return families
 
 
