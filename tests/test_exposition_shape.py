@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import shutil
 import subprocess
 from collections import Counter
@@ -23,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from poolwatch import collect
 from poolwatch.collect import Engine
 from poolwatch.localcluster import PgBouncerServer, PostgresServer
-from poolwatch.server import make_app
+from poolwatch.server import accepts_gzip, make_app
 from tests.daemon import make_config, pgbouncer_target, postgres_target, running_daemon
 
 OPENMETRICS = {"Accept": "application/openmetrics-text; version=1.0.0"}
@@ -77,7 +78,8 @@ async def test_streamed_body_is_the_whole_exposition(
     pgb: PgBouncerServer, pg: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A body over the limit is not kept: each scrape renders it piece by piece and sends it
-    chunked. What arrives is byte for byte the snapshot's whole exposition, in both formats."""
+    chunked. What arrives is byte for byte the snapshot's whole exposition, in both formats.
+    (Uncompressed: the gzip case is ``test_gzip_body_is_the_exposition_compressed``.)"""
     monkeypatch.setattr(collect, "STREAM_PIECE_SERIES", 20)  # many pieces, even from a small fleet
     config = make_config(
         pgbouncers=[pgbouncer_target(pgb, "pgb-a"), pgbouncer_target(pgb, "pgb-b")],
@@ -94,7 +96,7 @@ async def test_streamed_body_is_the_whole_exposition(
     try:
         snapshot = await engine.current()
         assert snapshot.streamed and snapshot.series() > 100
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers={"Accept-Encoding": "identity"}) as session:
             for headers, openmetrics in (({}, False), (OPENMETRICS, True)):
                 for _ in range(2):  # rendered again for the second scrape, from the same snapshot
                     async with session.get(f"http://{host}:{port}/metrics", headers=headers) as response:
@@ -117,6 +119,80 @@ async def test_streamed_body_is_the_whole_exposition(
             async with session.get(f"http://{host}:{port}/metrics") as response:
                 assert (await response.read()) == snapshot.body().join()
         assert not snapshot._rendered  # nothing kept between scrapes
+    finally:
+        await runner.cleanup()
+        await engine.stop()
+
+
+@pytest.mark.parametrize(
+    ("header", "takes_gzip"),
+    [
+        ("gzip", True),  # what Prometheus sends
+        ("gzip, deflate, br", True),  # browsers, aiohttp's client
+        ("x-gzip", True),
+        ("GZIP;q=0.5", True),
+        ("*", True),
+        ("", False),
+        ("identity", False),  # http.client's default
+        ("gzip;q=0, identity", False),
+        ("gzip;q=0, *", False),  # named with q=0: the wildcard does not bring it back
+        ("*;q=0", False),
+        ("br, deflate", False),
+        ("gzip;q=nonsense", False),
+    ],
+)
+def test_accept_encoding_gzip(header: str, takes_gzip: bool) -> None:
+    assert accepts_gzip(header) is takes_gzip
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["body-kept", "body-streamed"])
+async def test_gzip_body_is_the_exposition_compressed(
+    pgb: PgBouncerServer, pg: PostgresServer, monkeypatch: pytest.MonkeyPatch, kept: bool
+) -> None:
+    """A scraper that takes gzip (Prometheus always does) gets the same exposition compressed,
+    in both formats; one that does not, or refuses it with q=0, gets it as it is. A kept body is
+    compressed once per snapshot; a streamed one piece by piece, and its compressed form (a
+    thirtieth of the text) is then kept for the next gzip scrape of that snapshot."""
+    monkeypatch.setattr(collect, "STREAM_PIECE_SERIES", 20)
+    config = make_config(
+        pgbouncers=[pgbouncer_target(pgb, "pgb-a")],
+        postgres=[postgres_target(pg, "db-a")],
+        collection={"interval": 3600, "max_age": 3600, "cached_body_max_series": 0 if kept else 1},
+        probes={"interval": 3600},
+    )
+    engine = Engine(config)
+    runner = web.AppRunner(make_app(lambda: engine))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    url = f"http://{host}:{port}/metrics"
+    try:
+        snapshot = await engine.current()
+        assert snapshot.streamed is not kept
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            for accept, openmetrics in (({}, False), (OPENMETRICS, True)):
+                plain = snapshot.body(openmetrics).join()
+                for scrape in range(2):
+                    headers = {**accept, "Accept-Encoding": "gzip"}
+                    async with session.get(url, headers=headers) as response:
+                        assert response.status == 200
+                        assert response.headers["Content-Encoding"] == "gzip"
+                        assert response.headers["Vary"] == "Accept, Accept-Encoding"
+                        # streamed: the first scrape compresses as it renders; the second is
+                        # served the compressed body that one left behind
+                        chunked = not kept and scrape == 0
+                        assert (response.headers.get("Transfer-Encoding") == "chunked") is chunked
+                        packed = await response.read()
+                    assert gzip.decompress(packed) == plain
+                    assert len(packed) * 4 < len(plain)  # small fleet: HELP text weighs more
+                    assert snapshot.has_gzip(openmetrics)
+                for refused in ("gzip;q=0, identity", "identity"):
+                    async with session.get(url, headers={**accept, "Accept-Encoding": refused}) as response:
+                        assert "Content-Encoding" not in response.headers
+                        assert (await response.read()) == plain
+        assert engine.snapshot is snapshot
+        assert bool(snapshot._rendered) is kept  # a streamed body still keeps no text
     finally:
         await runner.cleanup()
         await engine.stop()

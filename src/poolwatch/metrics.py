@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from itertools import compress
 from typing import Literal, cast
 
+from isal import isal_zlib
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
@@ -598,6 +599,31 @@ class Exposition:
         if group:
             pieces.append(b"".join(group))
         self.chunks = pieces
+
+
+#: gzip level for scrape bodies. Label text repeats on every line, so the fastest level already
+#: shrinks an exposition about 30x (6.4 MB -> 0.22 MB at 2,000 pools, in 3 ms with ISA-L; the
+#: standard library's zlib takes 12 ms for the same bytes at its fastest).
+GZIP_LEVEL = 1
+
+
+class GzipStream:
+    """One gzip member (RFC 1952) made from a sequence of chunks, as Prometheus asks for it."""
+
+    def __init__(self) -> None:
+        self._deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS)
+
+    def compress(self, chunk: bytes) -> bytes:
+        return self._deflate.compress(chunk)
+
+    def finish(self) -> bytes:
+        return self._deflate.flush()
+
+
+def gzip_chunks(chunks: Iterable[bytes]) -> bytes:
+    """``chunks`` joined and gzip-compressed, without joining them uncompressed first."""
+    stream = GzipStream()
+    return b"".join([*map(stream.compress, chunks), stream.finish()])
 
 
 def exposition(families: Iterable[Metric], *, openmetrics: bool = False) -> Exposition:

@@ -34,6 +34,29 @@ def wants_openmetrics(accept: str) -> bool:
     return False
 
 
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether the scraper takes a gzip body (RFC 9110 12.5.3): ``gzip``/``x-gzip``, or ``*``
+    when gzip is not named, with a q-value above 0. Prometheus sends ``Accept-Encoding: gzip``."""
+    weights: dict[str, float] = {}
+    for part in accept_encoding.split(","):
+        coding, *params = (item.strip() for item in part.split(";"))
+        if not coding:
+            continue
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        weights[coding.lower()] = weight
+    for coding in ("gzip", "x-gzip"):
+        if coding in weights:
+            return weights[coding] > 0
+    return weights.get("*", 0.0) > 0
+
+
 #: Bodies above this are written in slices of this size: asyncio (3.11) copies whatever a single
 #: write cannot send at once into its buffer, and a 30 MB body would be copied whole.
 BODY_SLICE = 1 << 20
@@ -53,22 +76,35 @@ async def metrics(request: web.Request) -> web.StreamResponse:
         if stale is None:
             return web.Response(status=503, text="collection did not finish in time\n")
         snapshot = stale
-    headers = {"Content-Type": OPENMETRICS_TYPE if openmetrics else TEXT_TYPE}
-    if snapshot.streamed:
+    gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+    engine.prefer_gzip = gzip
+    headers = {
+        "Content-Type": OPENMETRICS_TYPE if openmetrics else TEXT_TYPE,
+        "Vary": "Accept, Accept-Encoding",
+    }
+    if gzip:
+        headers["Content-Encoding"] = "gzip"
+    if snapshot.streamed and not (gzip and snapshot.has_gzip(openmetrics)):
         # too large to keep between scrapes: rendered piece by piece as the socket takes it
         response = web.StreamResponse(headers=headers)
         response.enable_chunked_encoding()
         await response.prepare(request)
-        await _write_ahead(response, snapshot.pieces(openmetrics))
+        pieces = snapshot.gzip_pieces(openmetrics) if gzip else snapshot.pieces(openmetrics)
+        await _write_ahead(response, pieces)
         await response.write_eof()
         return response
-    body = await snapshot.body_async(openmetrics=openmetrics)
-    if body.size <= BODY_SLICE:
-        return web.Response(body=body.join(), headers=headers)
+    if gzip:
+        chunks = [await snapshot.gzip_async(openmetrics)]
+        size = len(chunks[0])
+    else:
+        body = await snapshot.body_async(openmetrics=openmetrics)
+        chunks, size = body.chunks, body.size  # a family or a group of small ones (Snapshot.body)
+    if size <= BODY_SLICE:
+        return web.Response(body=b"".join(chunks), headers=headers)
     response = web.StreamResponse(headers=headers)
-    response.content_length = body.size
+    response.content_length = size
     await response.prepare(request)
-    for chunk in body.chunks:  # a family or a group of small ones (Snapshot.body)
+    for chunk in chunks:
         await _write(response, chunk)
     await response.write_eof()
     return response
