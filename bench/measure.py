@@ -9,6 +9,7 @@ as the scraper sees it (connect, request, the full body), CPU seconds of the exp
 from __future__ import annotations
 
 import contextlib
+import gzip
 import http.client
 import os
 import signal
@@ -23,6 +24,8 @@ from typing import Any
 
 #: What the bench scraper sends: the text format, no compression (every exporter is asked the same).
 SCRAPE_HEADERS = {"Accept": "text/plain;version=0.0.4", "Accept-Encoding": "identity"}
+#: What Prometheus sends (it always takes gzip): the rows marked "gzip".
+PROMETHEUS_HEADERS = {"Accept": "text/plain;version=0.0.4", "Accept-Encoding": "gzip"}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -32,19 +35,26 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def scrape(port: int, path: str = "/metrics", timeout: float = 300.0) -> tuple[float, bytes]:
-    """One scrape on a fresh connection: (seconds, body)."""
+def scrape(
+    port: int, path: str = "/metrics", timeout: float = 300.0, headers: Mapping[str, str] = SCRAPE_HEADERS
+) -> tuple[float, bytes, int]:
+    """One scrape on a fresh connection: (seconds until the last byte arrived, the body as text,
+    bytes on the wire). A gzip body is decompressed after the clock stopped."""
     started = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", path, headers=SCRAPE_HEADERS)
+        conn.request("GET", path, headers=dict(headers))
         response = conn.getresponse()
         body = response.read()
+        seconds = time.perf_counter() - started
         if response.status != 200:
             raise RuntimeError(f"scrape of :{port}{path} answered {response.status}: {body[:200]!r}")
+        encoding = response.getheader("Content-Encoding", "identity")
     finally:
         conn.close()
-    return time.perf_counter() - started, body
+    if encoding == "gzip":
+        return seconds, gzip.decompress(body), len(body)
+    return seconds, body, len(body)
 
 
 def series_in(body: bytes) -> int:
@@ -84,6 +94,7 @@ class Run:
     cpu: float = 0.0
     series: int = 0
     body_bytes: int = 0
+    wire_bytes: int = 0  # the body as sent: smaller than body_bytes when gzip-compressed
     peak_rss_kb: int = 0
     rss_kb: int = 0
     rss_after_warmup_kb: int = 0
@@ -111,6 +122,7 @@ class Run:
             "cpu_ms_per_scrape": round(self.cpu_ms, 2),
             "series": self.series,
             "body_bytes": self.body_bytes,
+            "wire_bytes": self.wire_bytes,
             "peak_rss_mb": round(self.peak_rss_kb / 1024, 1),
             "rss_mb": round(self.rss_kb / 1024, 1),
             "rss_after_warmup_mb": round(self.rss_after_warmup_kb / 1024, 1),
@@ -185,16 +197,23 @@ class Exporter:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def measure(self, scrapes: int, *, warmup: int = 2, pause: float = 0.0) -> Run:
+    def measure(
+        self,
+        scrapes: int,
+        *,
+        warmup: int = 2,
+        pause: float = 0.0,
+        headers: Mapping[str, str] = SCRAPE_HEADERS,
+    ) -> Run:
         """``warmup`` scrapes, then ``scrapes`` timed ones back to back; CPU over the timed ones."""
         run = Run(self.name)
-        body = b""
+        body, wire = b"", 0
         for _ in range(warmup):
-            _, body = scrape(self.port, self.path)
+            _, body, wire = scrape(self.port, self.path, headers=headers)
         run.rss_after_warmup_kb = memory_kb(self.pid)["VmRSS"]
         cpu_before = cpu_seconds(self.pid)
         for _ in range(scrapes):
-            seconds, body = scrape(self.port, self.path)
+            seconds, body, wire = scrape(self.port, self.path, headers=headers)
             run.scrapes.append(seconds)
             if pause:
                 time.sleep(pause)
@@ -203,4 +222,5 @@ class Exporter:
         run.peak_rss_kb, run.rss_kb = memory["VmHWM"], memory["VmRSS"]
         run.series = series_in(body)
         run.body_bytes = len(body)
+        run.wire_bytes = wire
         return run

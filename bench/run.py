@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -42,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from typing import Any
 import yaml
 
 from bench import peers
-from bench.measure import Exporter, Run, free_port, scrape
+from bench.measure import PROMETHEUS_HEADERS, SCRAPE_HEADERS, Exporter, Run, free_port, scrape
 from bench.scenario import Scenario, raise_fd_limit
 from bench.wire import CountingProxy
 
@@ -193,12 +194,14 @@ async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)
 
 
-async def measure_variant(exporter: Exporter, label: str, scrapes: int) -> Run:
+async def measure_variant(
+    exporter: Exporter, label: str, scrapes: int, headers: Mapping[str, str] = SCRAPE_HEADERS
+) -> Run:
     """``scrapes`` scrapes of a freshly started ``exporter``, labelled ``label``."""
     await in_thread(exporter.start)
     try:
         with quiet_gc():
-            run: Run = await in_thread(exporter.measure, scrapes)
+            run: Run = await in_thread(functools.partial(exporter.measure, scrapes, headers=headers))
     finally:
         await in_thread(exporter.stop)
     run.exporter = label
@@ -306,30 +309,40 @@ async def pgbouncer_phase(
                 f"{run.series} series, peak RSS {run.peak_rss_kb / 1024:.0f} MB, {run.extra}"
             )
         # served from a fresh collection: max_age long, the first scrape collects
-        cached = await measure_variant(
-            poolwatch_exporter(
-                work, f"poolwatch-cached-{n}", pgbouncer=target, max_age=3600, pgbouncer_extra=everything
-            ),
-            "poolwatch (served from cache)",
-            args.scrapes * 2,
-        )
-        result["runs"].append(cached.as_dict())
-        log(f"   cached: median {cached.median_ms:.2f} ms, p99 {cached.p99_ms:.2f} ms")
-        variants = [
+        for label, headers in (
+            ("poolwatch (served from cache)", SCRAPE_HEADERS),
+            ("poolwatch (served from cache, gzip as Prometheus asks)", PROMETHEUS_HEADERS),
+        ):
+            cached = await measure_variant(
+                poolwatch_exporter(
+                    work, f"poolwatch-cached-{n}", pgbouncer=target, max_age=3600, pgbouncer_extra=everything
+                ),
+                label,
+                args.scrapes * 2,
+                headers,
+            )
+            result["runs"].append(cached.as_dict())
+            log(f"   {label}: median {cached.median_ms:.2f} ms, p99 {cached.p99_ms:.2f} ms")
+        variants: list[tuple[str, dict[str, Any], Mapping[str, str]]] = [
+            # what Prometheus gets: it always asks for gzip
+            ("poolwatch (gzip as Prometheus asks)", {}, PROMETHEUS_HEADERS),
             # memory for CPU: the body is never held, each scrape renders it
             (
                 "poolwatch (body not kept: cached_body_max_series: 1)",
                 {"collection": {"cached_body_max_series": 1}},
+                SCRAPE_HEADERS,
             ),
             # where the time goes: the pool doctor runs inside every collection
-            ("poolwatch (doctor.enabled: false)", {"doctor": False}),
+            ("poolwatch (doctor.enabled: false)", {"doctor": False}, SCRAPE_HEADERS),
         ]
         if n > 10_000:  # the cardinality guard's default: the first 10,000 pools by name
-            variants.append(("poolwatch (max_pools: 10000, the default)", {"pgbouncer_extra": {}}))
-        for i, (label, options) in enumerate(variants):
+            variants.append(
+                ("poolwatch (max_pools: 10000, the default)", {"pgbouncer_extra": {}}, SCRAPE_HEADERS)
+            )
+        for i, (label, options, variant_headers) in enumerate(variants):
             options = {"pgbouncer_extra": everything, **options}
             exporter = poolwatch_exporter(work, f"poolwatch-variant-{i}-{n}", pgbouncer=target, **options)
-            run = await measure_variant(exporter, label, count)
+            run = await measure_variant(exporter, label, count, variant_headers)
             result["runs"].append(run.as_dict())
             log(
                 f"   {label}: median {run.median_ms:.1f} ms, cpu {run.cpu_ms:.1f} ms, "
@@ -408,21 +421,27 @@ def _ratio(a: float, b: float) -> str:
     return f"{b / a:.1f}x" if a and b and a == a and b == b else "—"
 
 
+def _megabytes(run: dict[str, Any]) -> str:
+    sent = run.get("wire_bytes") or run.get("body_bytes") or 0  # older reports: no wire_bytes
+    return f"{sent / 1e6:.2f} MB" if sent else "—"
+
+
 def table(report: dict[str, Any]) -> str:
     lines = [
-        "PgBouncer (scrape-triggered collection, text format, no compression)",
+        "PgBouncer (scrape-triggered collection, text format, no compression unless the row says gzip)",
         "",
-        "| pools | exporter | series | scrape median | p99 | CPU / collection | peak RSS "
+        "| pools | exporter | series | body sent | scrape median | p99 | CPU / collection | peak RSS "
         "| round trips / coll. "
         "| logins / coll. |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ratios = []
     for phase in report["pgbouncer"]:
         by_name = {r["exporter"]: r for r in phase["runs"]}
         for r in phase["runs"]:
             lines.append(
-                f"| {phase['pools']:,} | {r['exporter']} | {r['series']:,} | {r['median_ms']:.1f} ms | "
+                f"| {phase['pools']:,} | {r['exporter']} | {r['series']:,} | {_megabytes(r)} | "
+                f"{r['median_ms']:.1f} ms | "
                 f"{r['p99_ms']:.1f} ms | {r['cpu_ms_per_scrape']:.1f} ms | {r['peak_rss_mb']:.0f} MB | "
                 f"{r.get('round_trips_per_collection', '—')} | {r.get('logins_per_collection', '—')} |"
             )
