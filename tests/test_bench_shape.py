@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -168,3 +171,27 @@ async def test_fresh_collection_is_served_as_the_same_bytes(make_pgbouncer: Make
         first = await daemon.get("/metrics")
         again = await asyncio.gather(*(daemon.get("/metrics") for _ in range(4)))
     assert first[0] == 200 and all(body == first[1] for _, body in again)
+
+
+async def test_memory_floor_reads_chunks_as_whole_results(make_pgbouncer: MakePgBouncer) -> None:
+    """``bench.memory_floor`` (the planning experiment) runs against a real PgBouncer: rows read
+    seven at a time in libpq's chunked-rows mode make the same series as whole results."""
+    from bench.memory_floor import PASSWORD_ENV
+
+    pgb = _pgbouncer_with(make_pgbouncer, 30)
+    await _with_pools(pgb, [f"p{i:04d}" for i in range(30)])
+    env = {**os.environ, PASSWORD_ENV: pgb.stats_password}
+    series = []
+    for chunk_rows in ("7", "0"):
+        argv = [sys.executable, "-m", "bench.memory_floor", "--measure", pgb.host, str(pgb.port)]
+        argv += [pgb.stats_user, "--collections", "2", "--chunk-rows", chunk_rows]
+        done = await asyncio.to_thread(
+            subprocess.run, argv, env=env, capture_output=True, check=True, timeout=120
+        )
+        rows = [json.loads(line) for line in done.stdout.splitlines()]
+        assert [r.get("collection") for r in rows] == [None, 1, 2]
+        assert rows[1]["series"] == rows[2]["series"]
+        assert rows[2]["VmHWM"] >= rows[2]["VmRSS"] > 0
+        series.append(rows[1]["series"])
+    # 31 pools (30 and the console's own): SHOW POOLS alone has several families of 31 series
+    assert series[0] == series[1] > 31 * 5
