@@ -261,7 +261,8 @@ class Collection(_Model):
         default=500_000,
         ge=0,
         description="a body with more series is not kept between scrapes but rendered for each "
-        "scrape, piece by piece, to bound memory (0: always keep)",
+        "scrape, piece by piece, to bound memory (its gzip form, a thirtieth of the size, is kept once "
+        "a gzip scrape has made it; 0: always keep)",
     )
 
 
