@@ -1234,25 +1234,3 @@ async def test_a_failing_part_is_reported_by_its_own_collector(
     assert all(outcomes[name].ok for name in COLLECTORS if name != "database"), outcomes
     assert value_of(result.families, "pg_settings_max_connections") == MAX_CONNECTIONS
     assert "pg_stat_database_xact_commit_total" not in family_names(result.families)
-
-
-async def test_without_a_replaceable_pool_reset_each_collection_sets_its_timeout(
-    pg_server: Any, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """asyncpg before 0.30 always runs RESET ALL on release: the timeout is set again each time."""
-    from poolwatch.sources import postgres
-
-    monkeypatch.setattr(postgres, "_POOL_CAN_KEEP_SESSIONS", False)
-    src = PostgresSource("pg-old", pg_server.monitor_dsn(), pg_server.monitor_password, connect_timeout=5)
-    statements = _CountingStatements(monkeypatch)
-    try:
-        await src.collect(5)
-        for _ in range(2):
-            statements.sent.clear()
-            result = await src.collect(5)
-            assert result.up and all(o.ok for o in result.outcomes), result.outcomes
-            sent = [q.split()[0] for q in statements.sent]
-            assert sent[:2] == ["SELECT", "WITH"] and "set_config" in statements.sent[0]
-            assert any("RESET ALL" in q for q in statements.sent)  # asyncpg's own reset on release
-    finally:
-        await src.close()

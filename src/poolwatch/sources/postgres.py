@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import math
 import re
 import socket
@@ -1361,11 +1360,6 @@ class _Session:
     settings_rows: list[Row] | None = None
 
 
-#: asyncpg 0.30+ lets the pool's reset be replaced; with an older one every release runs RESET ALL,
-#: so each collection sets its statement_timeout again (two round trips instead of one)
-_POOL_CAN_KEEP_SESSIONS: Final = "reset" in inspect.signature(asyncpg.create_pool).parameters
-
-
 async def _keep_session(conn: Any) -> None:
     """The pool's reset when a connection is handed back: nothing to undo.
 
@@ -1535,7 +1529,7 @@ class PostgresSource:
                 timeout=self._connect_timeout,  # asyncpg's connect timeout
                 server_settings={"application_name": POOLWATCH_APPLICATION_NAME},
                 init=self._init_session,
-                **({"reset": _keep_session} if _POOL_CAN_KEEP_SESSIONS else {}),
+                reset=_keep_session,  # asyncpg 0.30+
             )
             await pool  # with min_size=0 this opens no connection
             self._pool = pool
@@ -1559,8 +1553,7 @@ class PostgresSource:
 
         Session-level (not in the startup packet) so pg_settings.reset_val still shows the real
         default. The session keeps it: the pool's reset (``_keep_session``) no longer runs RESET
-        ALL, so a collection needs no SET of its own (one round trip less each time; not with
-        asyncpg before 0.30, see ``_POOL_CAN_KEEP_SESSIONS``).
+        ALL, so a collection needs no SET of its own (one round trip less each time).
         """
         pid = conn.get_server_pid()
         if len(self._sessions) > 2 * self._pool_max_size + 2:
@@ -1626,11 +1619,7 @@ class PostgresSource:
                     answered = False  # whether this pooled session has answered a statement yet
                     try:
                         session = self._sessions.get(conn.get_server_pid())
-                        if (
-                            session is None
-                            or session.statement_timeout_ms != statement_timeout_ms
-                            or not _POOL_CAN_KEEP_SESSIONS  # RESET ALL on every release
-                        ):
+                        if session is None or session.statement_timeout_ms != statement_timeout_ms:
                             # a session opened by a probe, or a collection asking for another timeout
                             await conn.execute(_SET_STATEMENT_TIMEOUT, f"{statement_timeout_ms}ms")
                             answered = True
