@@ -24,7 +24,8 @@ def startup_packet(user: str, database: str, application_name: str = "") -> byte
         params["application_name"] = application_name
     body = struct.pack("!i", 196608)
     for key, value in params.items():
-        body += key.encode() + b"\0" + value.encode() + b"\0"
+        # surrogateescape: a test can send a name that is not UTF-8 ("caf\udce9" is b"caf\xe9")
+        body += key.encode() + b"\0" + value.encode("utf-8", "surrogateescape") + b"\0"
     body += b"\0"
     return struct.pack("!i", len(body) + 4) + body
 

@@ -7,15 +7,21 @@ import signal
 import time
 from collections.abc import Callable, Iterable
 
+import psycopg
 import pytest
+from bench import wire
 from prometheus_client.metrics_core import Metric
+from psycopg.types.numeric import IntLoader
 
 from poolwatch.localcluster import PgBouncerServer, PostgresServer, hold_transactions
 from poolwatch.metrics import exposition
 from poolwatch.sources.pgbouncer import (
+    _READ_COLUMNS,
     COLLECTORS,
     PgBouncerObservation,
     PgBouncerSource,
+    _load_rows,
+    aggregate_connections,
     families_from_observation,
     select_pools,
 )
@@ -60,6 +66,71 @@ async def test_five_clients_on_a_pool_of_two(make_pgbouncer: MakePgBouncer) -> N
     assert maxwait is not None and 0 <= maxwait < 60
     assert isinstance(result.observation, PgBouncerObservation)
     assert result.observation.servers[("app", pgb.app_user)].states == {"active": 2}
+
+
+async def test_connection_aggregates_load_only_the_columns_they_read(make_pgbouncer: MakePgBouncer) -> None:
+    """SHOW CLIENTS / SERVERS load only the columns their aggregation reads (the others as
+    placeholders that allocate nothing): from the same result, the aggregates equal those of
+    every column loaded."""
+    pgb = make_pgbouncer(default_pool_size=2)
+    async with hold_transactions(pgb.app_dsn(), pgb.app_password, 5, wait_holding=2):
+        await asyncio.to_thread(pgb.wait_for_pool, "app", cl_waiting=3, cl_active=2)
+        conn = await psycopg.AsyncConnection.connect(
+            pgb.stats_dsn,
+            password=pgb.stats_password,
+            autocommit=True,
+            cursor_factory=psycopg.AsyncClientCursor,
+        )
+        try:
+            conn.adapters.register_loader("numeric", IntLoader)
+            for show, name in (("CLIENTS", "clients"), ("SERVERS", "servers")):
+                cur = conn.cursor()
+                await cur.execute(f"SHOW {show}", prepare=False)
+                assert cur.description is not None
+                columns = [d.name for d in cur.description]
+                every, read = _load_rows(cur), _load_rows(cur, _READ_COLUMNS[name])
+                ends = name == "servers"  # the doctor's listener check reads the servers' local ends
+                aggregates = aggregate_connections(columns, read, endpoints=ends)
+                assert aggregates == aggregate_connections(columns, every, endpoints=ends)
+                skipped = [i for i, column in enumerate(columns) if column not in _READ_COLUMNS[name]]
+                assert "addr" in columns and skipped
+                assert all(type(row[i]) is bool for row in read for i in skipped)
+                connections, local_ends = aggregates
+                group = connections[("app", pgb.app_user)]
+                if name == "clients":
+                    assert group.states == {"active": 2, "waiting": 3}
+                    assert group.max_wait_seconds is not None and group.max_wait_seconds >= 0
+                else:
+                    assert group.states == {"active": 2}
+                    assert len(local_ends) >= 2  # the two server connections' own addresses
+                assert group.oldest_connect_time is not None
+        finally:
+            await conn.close()
+
+
+async def test_a_name_that_is_not_utf8_costs_only_its_own_characters(make_pgbouncer: MakePgBouncer) -> None:
+    """PgBouncer passes database names through as bytes. A name that is not UTF-8 (café in
+    Latin-1) makes psycopg's C text loader refuse the whole result: each SHOW is loaded again
+    with the forgiving loaders (U+FFFD for the byte), SHOW CLIENTS still with only the columns it
+    reads, and the target stays up with every collector ok."""
+    latin1 = "caf\udce9"  # b"caf\xe9" in the client's startup packet
+    # the ini file cannot hold such a name; the fallback entry makes a database of any name asked
+    pgb = make_pgbouncer(databases={"*": {"dbname": "app"}}, auth_type="trust")
+    clients = [await wire.connect("app", name, host=pgb.host, port=pgb.port) for name in ("plain", latin1)]
+    source = _source(pgb)
+    try:
+        result = await source.collect(5)
+    finally:
+        await source.close()
+        for client in clients:
+            client.close()
+    assert result.up and all(o.ok for o in result.outcomes), result.outcomes
+    for database in ("plain", "caf\ufffd"):
+        pool = {"database": database, "user": "app"}
+        assert _value(result.families, "pgbouncer_clients", state="active", **pool) == 1
+        assert _value(result.families, "pgbouncer_pools_client_active_connections", **pool) == 1
+    assert isinstance(result.observation, PgBouncerObservation)
+    assert result.observation.clients[("caf\ufffd", "app")].states == {"active": 1}
 
 
 async def test_pipelined_collection_renders_what_the_pure_function_does(

@@ -44,9 +44,11 @@ from typing import Any, Literal, cast, overload
 
 import psycopg
 from prometheus_client.metrics_core import Metric
+from psycopg import postgres
 from psycopg.abc import Buffer
 from psycopg.adapt import AdaptersMap, Loader, Transformer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import Format
 from psycopg.rows import TupleRow
 from psycopg.types.numeric import IntLoader
 
@@ -496,6 +498,14 @@ def parse_pgbouncer_time(text: object) -> float | None:
         except (OverflowError, ValueError):
             return None
     return None
+
+
+#: the SHOW CLIENTS / SHOW SERVERS columns ``aggregate_connections`` reads (the others need not be
+#: loaded), and those it reads for the local endpoints
+CONNECTION_COLUMNS = frozenset(
+    {"database", "user", "state", "connect_time", "wait", "wait_us", "close_needed"}
+)
+ENDPOINT_COLUMNS = frozenset({"local_addr", "local_port"})
 
 
 def aggregate_connections(
@@ -1339,20 +1349,42 @@ _SAFE_ADAPTERS.register_loader("numeric", _NumericLoader)
 _SAFE_ADAPTERS.register_loader("text", _TextLoader)
 
 
-def _load_rows(cur: psycopg.AsyncClientCursor[TupleRow]) -> list[TupleRow]:
-    """The rows of a result the fast C loaders refused (text that is not UTF-8, a numeric that is
-    not an integer), loaded again from the same result with the forgiving Python loaders."""
+def _load_rows(
+    cur: psycopg.AsyncClientCursor[TupleRow], wanted: Collection[str] | None = None, *, safe: bool = False
+) -> list[TupleRow]:
+    """The rows of ``cur``'s result, only the ``wanted`` columns loaded (None: all of them).
+
+    The other columns come as ``False``/``True`` placeholders: psycopg's C boolean loader reads one
+    byte and allocates nothing, where a text column costs a new ``str`` per row (SHOW CLIENTS has
+    18 columns, its aggregation reads 6: 13.4 -> 8.5 ms at 10,000 clients). ``safe``: with the
+    forgiving Python loaders, for a result the fast C loaders refused (text that is not UTF-8, a
+    numeric that is not an integer).
+    """
     result = cur.pgresult
     if result is None:
         return []
-    tx = Transformer(_SAFE_ADAPTERS)
-    tx.set_pgresult(result)
+    tx = Transformer(_SAFE_ADAPTERS if safe else cur.adapters)
+    tx.set_pgresult(result, set_loaders=wanted is None)
+    if wanted is not None:
+        names = [(result.fname(i) or b"").decode("utf-8", "replace") for i in range(result.nfields)]
+        oids = [result.ftype(i) if name in wanted else _PLACEHOLDER_OID for i, name in enumerate(names)]
+        tx.set_loader_types(oids, Format.TEXT)
     return tx.load_rows(0, result.ntuples, tuple)
+
+
+#: loads a column the caller does not read: ``bool``'s C text loader allocates nothing
+_PLACEHOLDER_OID = postgres.types["bool"].oid
 
 
 WATCH_INTERVAL = 0.5
 #: a SHOW result above this many rows is turned into families in a worker thread
 _BIG = 1000
+#: the columns read of the SHOWs poolwatch aggregates (``aggregate_connections``); the rest of
+#: their columns are not loaded
+_READ_COLUMNS: dict[str, frozenset[str]] = {
+    "clients": CONNECTION_COLUMNS,
+    "servers": CONNECTION_COLUMNS | ENDPOINT_COLUMNS,
+}
 #: the collectors whose families follow the cardinality guard's selection of pools
 _SELECTED = frozenset({"pools", "stats", "databases", "clients", "servers"})
 
@@ -1597,15 +1629,21 @@ class PgBouncerSource:
         return asyncio.create_task(self._execute(conn, command), name=f"pgbouncer-show-{self.target}")
 
     @staticmethod
-    async def _rows(cursor: psycopg.AsyncCursor[TupleRow]) -> tuple[list[str], list[TupleRow]]:
+    async def _rows(
+        cursor: psycopg.AsyncCursor[TupleRow], wanted: Collection[str] | None = None
+    ) -> tuple[list[str], list[TupleRow]]:
+        """The result's column names and rows; only the ``wanted`` columns loaded (``_load_rows``)."""
+        client_cursor = cast(psycopg.AsyncClientCursor[TupleRow], cursor)
         try:
             if cursor.description is None:  # e.g. SHOW VERSION before 1.12: a NOTICE, no rows
                 return [], []
             columns = [d.name for d in cursor.description]
             try:
+                if wanted is not None:
+                    return columns, _load_rows(client_cursor, wanted)
                 return columns, await cursor.fetchall()
             except (ValueError, psycopg.DataError):  # UnicodeDecodeError is a ValueError
-                return columns, _load_rows(cast(psycopg.AsyncClientCursor[TupleRow], cursor))
+                return columns, _load_rows(client_cursor, wanted, safe=True)
         finally:
             await cursor.close()
 
@@ -1651,7 +1689,7 @@ class PgBouncerSource:
         self, run: _Run, conn: psycopg.AsyncConnection[TupleRow], name: str, command: str, answer: _Answer
     ) -> None:
         try:
-            columns, rows = await self._rows(answer.cursor)
+            columns, rows = await self._rows(answer.cursor, _READ_COLUMNS.get(name))
             if len(rows) > _BIG:
                 # several ms of CPU at thousands of pools: in a thread, so the event loop (the
                 # next SHOW, HTTP, watchers, other targets) keeps getting turns meanwhile
