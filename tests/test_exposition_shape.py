@@ -14,6 +14,8 @@ import gzip
 import shutil
 import subprocess
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import aiohttp
 import pytest
@@ -23,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from poolwatch import collect
 from poolwatch.collect import Engine
+from poolwatch.config import Config
 from poolwatch.localcluster import PgBouncerServer, PostgresServer
 from poolwatch.server import accepts_gzip, make_app
 from tests.daemon import make_config, pgbouncer_target, postgres_target, running_daemon
@@ -33,6 +36,21 @@ OPENMETRICS = {"Accept": "application/openmetrics-text; version=1.0.0"}
 def _headers(text: str) -> Counter[str]:
     """How many ``# TYPE`` lines each metric name has."""
     return Counter(line.split()[2] for line in text.splitlines() if line.startswith("# TYPE "))
+
+
+@asynccontextmanager
+async def _serving(config: Config) -> AsyncIterator[tuple[Engine, str]]:
+    """An engine for ``config`` behind the real HTTP app on a free port: (engine, /metrics URL)."""
+    engine = Engine(config)
+    runner = web.AppRunner(make_app(lambda: engine))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield engine, f"http://{host}:{port}/metrics"
+    finally:
+        await runner.cleanup()
+        await engine.stop()
 
 
 async def _promtool(text: str) -> None:
@@ -87,19 +105,13 @@ async def test_streamed_body_is_the_whole_exposition(
         collection={"interval": 3600, "max_age": 3600, "cached_body_max_series": 1},
         probes={"interval": 3600},
     )
-    engine = Engine(config)
-    runner = web.AppRunner(make_app(lambda: engine))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
+    async with _serving(config) as (engine, url):
         snapshot = await engine.current()
         assert snapshot.streamed and snapshot.series() > 100
         async with aiohttp.ClientSession(headers={"Accept-Encoding": "identity"}) as session:
             for headers, openmetrics in (({}, False), (OPENMETRICS, True)):
                 for _ in range(2):  # rendered again for the second scrape, from the same snapshot
-                    async with session.get(f"http://{host}:{port}/metrics", headers=headers) as response:
+                    async with session.get(url, headers=headers) as response:
                         assert response.status == 200
                         assert response.headers["Transfer-Encoding"] == "chunked"
                         body = await response.read()
@@ -113,15 +125,12 @@ async def test_streamed_body_is_the_whole_exposition(
                 else:
                     await _promtool(text)
             # a scraper that goes away mid-body costs nothing but its own response
-            async with session.get(f"http://{host}:{port}/metrics") as response:
+            async with session.get(url) as response:
                 await response.content.read(1000)
                 response.close()
-            async with session.get(f"http://{host}:{port}/metrics") as response:
+            async with session.get(url) as response:
                 assert (await response.read()) == snapshot.body().join()
         assert not snapshot._rendered  # nothing kept between scrapes
-    finally:
-        await runner.cleanup()
-        await engine.stop()
 
 
 @pytest.mark.parametrize(
@@ -160,14 +169,7 @@ async def test_gzip_body_is_the_exposition_compressed(
         collection={"interval": 3600, "max_age": 3600, "cached_body_max_series": 0 if kept else 1},
         probes={"interval": 3600},
     )
-    engine = Engine(config)
-    runner = web.AppRunner(make_app(lambda: engine))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    url = f"http://{host}:{port}/metrics"
-    try:
+    async with _serving(config) as (engine, url):
         snapshot = await engine.current()
         assert snapshot.streamed is not kept
         async with aiohttp.ClientSession(auto_decompress=False) as session:
@@ -201,6 +203,3 @@ async def test_gzip_body_is_the_exposition_compressed(
                 assert gzip.decompress(await response.read()) == snapshot.body().join()
         assert engine.snapshot is snapshot
         assert bool(snapshot._rendered) is kept  # a streamed body still keeps no text
-    finally:
-        await runner.cleanup()
-        await engine.stop()
