@@ -33,6 +33,8 @@ import time
 from collections import Counter
 from typing import Any
 
+from bench.measure import memory_kb
+
 #: SHOW → the columns that label its rows (the rest that hold integers become families)
 LABELS = {"POOLS": ("database", "user"), "STATS": ("database",), "DATABASES": ("name",)}
 CHUNK_ROWS = 2000
@@ -41,13 +43,7 @@ PASSWORD_ENV = "POOLWATCH_FLOOR_PASSWORD"
 
 def memory() -> dict[str, int]:
     """VmRSS and VmHWM of this process, in MB."""
-    found: dict[str, int] = {}
-    with open("/proc/self/status") as status:
-        for line in status:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                found[key] = int(value.split()[0]) // 1024
-    return found
+    return {key: kb // 1024 for key, kb in memory_kb(os.getpid()).items()}
 
 
 class Columns:
