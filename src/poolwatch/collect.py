@@ -111,7 +111,7 @@ class Snapshot:
         rendered whole at every call, never kept)."""
         if self.streamed:
             return exposition(self.families, openmetrics=openmetrics)
-        key = "om" if openmetrics else "text"
+        key = _format_key(openmetrics)
         cached = self._rendered.get(key)
         if cached is None:
             cached = exposition(self.families, openmetrics=openmetrics)
@@ -129,7 +129,7 @@ class Snapshot:
     async def body_async(self, openmetrics: bool = False) -> Exposition:
         """``body``, in a worker thread when much is left to render; concurrent callers share one
         rendering."""
-        key = "om" if openmetrics else "text"
+        key = _format_key(openmetrics)
         cached = self._rendered.get(key)
         if cached is not None:
             return cached
@@ -138,13 +138,12 @@ class Snapshot:
 
     async def gzip_async(self, openmetrics: bool = False) -> bytes:
         """The body gzip-compressed (what Prometheus asks for): compressed once per snapshot and
-        format in a worker thread, then served as these bytes to every gzip scrape."""
-        key = "om" if openmetrics else "text"
+        format in a worker thread, then served as these bytes to every gzip scrape. A streamed
+        snapshot's is made by ``gzip_pieces`` as it is sent."""
+        key = _format_key(openmetrics)
         cached = self._gzipped.get(key)
         if cached is not None:
             return cached
-        if self.streamed:
-            return b"".join([piece async for piece in self.gzip_pieces(openmetrics)])
         body = await self.body_async(openmetrics)
 
         def compress() -> bytes:
@@ -193,7 +192,7 @@ class Snapshot:
         """A streamed snapshot's body, gzip-compressed piece by piece as ``pieces`` renders it.
         The compressed body (about 1/30 of the text) is then kept: the next gzip scrape of this
         snapshot is served from it (``gzip_async``) instead of rendering everything again."""
-        key = "om" if openmetrics else "text"
+        key = _format_key(openmetrics)
         stream = GzipStream()
         packed: list[bytes] = []
         async for piece in self.pieces(openmetrics):
@@ -210,7 +209,7 @@ class Snapshot:
         yield packed[-1]
 
     def has_gzip(self, openmetrics: bool = False) -> bool:
-        return ("om" if openmetrics else "text") in self._gzipped
+        return _format_key(openmetrics) in self._gzipped
 
     def series(self) -> int:
         return sum(family_size(f) for f in self.families)
@@ -223,6 +222,11 @@ class Snapshot:
         them (``metrics.BuildCache``), so two bodies are never held at once."""
         self._rendered.clear()
         self._gzipped.clear()
+
+
+def _format_key(openmetrics: bool) -> str:
+    """The key of a snapshot's rendered or compressed body in one format."""
+    return "om" if openmetrics else "text"
 
 
 async def _render_piece(families: list[tuple[Metric, bool]], series: int, openmetrics: bool) -> bytes:
