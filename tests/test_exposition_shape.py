@@ -3,8 +3,9 @@
 * Two PgBouncer and two PostgreSQL targets: each metric is one group under one HELP/TYPE header
   with every target's series in it (a second header for a name is a parse error to ``promtool
   check metrics`` and to Prometheus's OpenMetrics parser).
-* A body above ``collection.cached_body_max_series`` is streamed (rendered per scrape, chunked)
-  and is byte for byte the snapshot's whole exposition.
+* A body above ``collection.cached_body_max_series`` is kept compressed family by family
+  (packed): decompressed for a text scrape, put together for a gzip one, and either way byte for
+  byte the families' whole exposition.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import gzip
 import shutil
 import subprocess
+import zlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,10 +25,11 @@ from aiohttp import web
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from poolwatch import collect
+from poolwatch import collect, metrics
 from poolwatch.collect import Engine
 from poolwatch.config import Config
 from poolwatch.localcluster import PgBouncerServer, PostgresServer
+from poolwatch.metrics import ColumnarFamily, exposition, gzip_fragments, pack, unpack, unpacked_pieces
 from poolwatch.server import accepts_gzip, make_app
 from tests.daemon import make_config, pgbouncer_target, postgres_target, running_daemon
 
@@ -92,13 +95,15 @@ async def test_two_targets_of_each_kind_share_one_header_per_metric(
     await _promtool(text)
 
 
-async def test_streamed_body_is_the_whole_exposition(
+async def test_packed_body_is_the_whole_exposition(
     pgb: PgBouncerServer, pg: PostgresServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A body over the limit is not kept: each scrape renders it piece by piece and sends it
-    chunked. What arrives is byte for byte the snapshot's whole exposition, in both formats.
-    (Uncompressed: the gzip case is ``test_gzip_body_is_the_exposition_compressed``.)"""
-    monkeypatch.setattr(collect, "STREAM_PIECE_SERIES", 20)  # many pieces, even from a small fleet
+    """A body over the limit is kept compressed, family by family, not as text: a text scrape
+    gets it decompressed piece by piece, with its length known up front. What arrives is byte
+    for byte the families' exposition rendered afresh, in both formats. (Uncompressed: the gzip
+    case is ``test_gzip_body_is_the_exposition_compressed``.)"""
+    monkeypatch.setattr(collect, "TEXT_PIECE", 100)  # many pieces, even from a small fleet
+    monkeypatch.setattr(metrics, "PACK_ALONE_SERIES", 2)  # and many fragments
     config = make_config(
         pgbouncers=[pgbouncer_target(pgb, "pgb-a"), pgbouncer_target(pgb, "pgb-b")],
         postgres=[postgres_target(pg, "db-a")],
@@ -107,16 +112,19 @@ async def test_streamed_body_is_the_whole_exposition(
     )
     async with _serving(config) as (engine, url):
         snapshot = await engine.current()
-        assert snapshot.streamed and snapshot.series() > 100
+        assert snapshot.packed and snapshot.series() > 100
+        columnar = [f for f in snapshot.families if isinstance(f, ColumnarFamily) and len(f.values) >= 2]
+        assert len(columnar) > 10 and all(f.packed is not None and f.rendered is None for f in columnar)
         async with aiohttp.ClientSession(headers={"Accept-Encoding": "identity"}) as session:
             for headers, openmetrics in (({}, False), (OPENMETRICS, True)):
-                for _ in range(2):  # rendered again for the second scrape, from the same snapshot
+                expected = exposition(snapshot.families, openmetrics=openmetrics).join()
+                for _ in range(2):  # decompressed again for the second scrape, same snapshot
                     async with session.get(url, headers=headers) as response:
                         assert response.status == 200
-                        assert response.headers["Transfer-Encoding"] == "chunked"
+                        assert response.content_length == len(expected)
                         body = await response.read()
                     assert engine.snapshot is snapshot
-                    assert body == snapshot.body(openmetrics).join()
+                    assert body == expected
                 text = body.decode()
                 assert max(_headers(text).values()) == 1
                 if openmetrics:
@@ -130,7 +138,13 @@ async def test_streamed_body_is_the_whole_exposition(
                 response.close()
             async with session.get(url) as response:
                 assert (await response.read()) == snapshot.body().join()
-        assert not snapshot._rendered  # nothing kept between scrapes
+        assert not snapshot._rendered  # no text kept between scrapes
+        assert all(f.rendered is None for f in columnar)
+        # the next collection reuses the families that did not change, compressed lines included
+        again = await engine.current(max_age=0.0)
+        reused = [f for f in again.families if any(f is old for old in columnar)]
+        assert reused and all(f.packed is not None for f in reused)
+        assert again.render() == exposition(again.families).join()
 
 
 @pytest.mark.parametrize(
@@ -154,15 +168,14 @@ def test_accept_encoding_gzip(header: str, takes_gzip: bool) -> None:
     assert accepts_gzip(header) is takes_gzip
 
 
-@pytest.mark.parametrize("kept", [True, False], ids=["body-kept", "body-streamed"])
+@pytest.mark.parametrize("kept", [True, False], ids=["body-kept", "body-packed"])
 async def test_gzip_body_is_the_exposition_compressed(
-    pgb: PgBouncerServer, pg: PostgresServer, monkeypatch: pytest.MonkeyPatch, kept: bool
+    pgb: PgBouncerServer, pg: PostgresServer, kept: bool
 ) -> None:
     """A scraper that takes gzip (Prometheus always does) gets the same exposition compressed,
     in both formats; one that does not, or refuses it with q=0, gets it as it is. A kept body is
-    compressed once per snapshot; a streamed one piece by piece, and its compressed form (a
-    thirtieth of the text) is then kept for the next gzip scrape of that snapshot."""
-    monkeypatch.setattr(collect, "STREAM_PIECE_SERIES", 20)
+    compressed once per snapshot; a packed one's fragments are put together into one gzip member
+    without compressing anything again. Either is then served as the same bytes."""
     config = make_config(
         pgbouncers=[pgbouncer_target(pgb, "pgb-a")],
         postgres=[postgres_target(pg, "db-a")],
@@ -171,35 +184,51 @@ async def test_gzip_body_is_the_exposition_compressed(
     )
     async with _serving(config) as (engine, url):
         snapshot = await engine.current()
-        assert snapshot.streamed is not kept
+        assert snapshot.packed is not kept
         async with aiohttp.ClientSession(auto_decompress=False) as session:
             for accept, openmetrics in (({}, False), (OPENMETRICS, True)):
-                plain = snapshot.body(openmetrics).join()
-                for scrape in range(2):
+                plain = exposition(snapshot.families, openmetrics=openmetrics).join()
+                served = []
+                for _ in range(2):
                     headers = {**accept, "Accept-Encoding": "gzip"}
                     async with session.get(url, headers=headers) as response:
                         assert response.status == 200
                         assert response.headers["Content-Encoding"] == "gzip"
                         assert response.headers["Vary"] == "Accept, Accept-Encoding"
-                        # streamed: the first scrape compresses as it renders; the second is
-                        # served the compressed body that one left behind
-                        chunked = not kept and scrape == 0
-                        assert (response.headers.get("Transfer-Encoding") == "chunked") is chunked
-                        packed = await response.read()
-                    assert gzip.decompress(packed) == plain
-                    assert len(packed) * 4 < len(plain)  # small fleet: HELP text weighs more
-                    assert snapshot.has_gzip(openmetrics)
+                        assert "Transfer-Encoding" not in response.headers  # length known
+                        served.append(await response.read())
+                    assert gzip.decompress(served[-1]) == plain
+                    assert zlib.decompress(served[-1], 16 + zlib.MAX_WBITS) == plain  # one member
+                    assert len(served[-1]) * 4 < len(plain)  # small fleet: HELP text weighs more
+                assert served[0] == served[1]  # made once per snapshot and format
                 for refused in ("gzip;q=0, identity", "identity"):
                     async with session.get(url, headers={**accept, "Accept-Encoding": refused}) as response:
                         assert "Content-Encoding" not in response.headers
                         assert (await response.read()) == plain
-            # a gzip scraper that goes away mid-body costs nothing but its own response (what
-            # was kept dropped first, so a streamed body is compressed as it goes again)
+            # a gzip scraper that goes away mid-body costs nothing but its own response
             snapshot.release_rendering()
             async with session.get(url, headers={"Accept-Encoding": "gzip"}) as response:
                 await response.content.read(100)
                 response.close()
             async with session.get(url, headers={"Accept-Encoding": "gzip"}) as response:
-                assert gzip.decompress(await response.read()) == snapshot.body().join()
+                assert gzip.decompress(await response.read()) == exposition(snapshot.families).join()
         assert engine.snapshot is snapshot
-        assert bool(snapshot._rendered) is kept  # a streamed body still keeps no text
+        assert bool(snapshot._rendered) is kept  # a packed body keeps no text
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 1 << 20])
+def test_fragments_join_into_one_stream(size: int) -> None:
+    """Texts compressed one by one, concatenated, are one valid gzip member and one DEFLATE
+    stream (full flush: byte-aligned, no reference back); decompressed in pieces of any size
+    they are the texts joined, every piece but the last exactly ``size`` bytes."""
+    snowmen = "caf\u00e9 \u2603\n".encode() * 900
+    texts = [b"", b"# HELP x y\n", bytes(range(256)) * 40, b"a" * 70_000, snowmen, b""]
+    fragments = [pack(t) for t in texts]
+    whole = b"".join(texts)
+    assert gzip.decompress(gzip_fragments(fragments)) == whole
+    assert zlib.decompress(gzip_fragments(fragments), 16 + zlib.MAX_WBITS) == whole
+    assert [unpack(f) for f in fragments] == texts
+    pieces = list(unpacked_pieces(fragments, size))
+    assert b"".join(pieces) == whole
+    assert all(len(p) == size for p in pieces[:-1]) and 0 < len(pieces[-1]) <= size
+    assert gzip.decompress(gzip_fragments([])) == b""

@@ -25,16 +25,18 @@ from poolwatch.logs import get_logger
 from poolwatch.metrics import (
     ERROR_REASONS,
     Exposition,
-    GzipStream,
+    Fragment,
     SourceResult,
     counter,
-    drop_rendered,
     exposition,
-    exposition_order,
     family_size,
     gauge,
     gzip_chunks,
-    render_family,
+    gzip_fragments,
+    packed_exposition,
+    unpack,
+    unpacked_pieces,
+    unpacked_series,
     unrendered_series,
 )
 from poolwatch.probes import ProbeState, pgbouncer_check, probe_families, run_check
@@ -77,11 +79,9 @@ RENDER_IN_THREAD_SERIES = 20_000
 #: a body equally fast, while a write per small family or a copy of the body costs more.
 SMALL_CHUNK = 64 << 10
 WRITE_BLOCK = 256 << 10
-#: A streamed snapshot is rendered and written this many series at a time (about 1 MB of text):
-#: large enough that the thread hop per piece is noise, small enough to be the only copy held.
-STREAM_PIECE_SERIES = 10_000
-#: Pieces larger than this are gzip-compressed in a worker thread (ISA-L: ~0.5 ms per 100 KB).
-GZIP_IN_THREAD = 256 << 10
+#: A packed snapshot's text is decompressed for a text scrape this many bytes at a time (ISA-L:
+#: about 0.3 ms), so a text scrape holds about two pieces however large a family is.
+TEXT_PIECE = 512 << 10
 
 _T = TypeVar("_T")
 
@@ -92,25 +92,31 @@ class Snapshot:
 
     The scrape body is rendered once per snapshot and format (``metrics.exposition``; sources
     pre-render their large families while their next query is in flight) and served as the same
-    chunks to every scrape until the next collection. A ``streamed`` snapshot (more series than
-    ``collection.cached_body_max_series``) never holds its body whole: each scrape renders it
-    piece by piece (``pieces``) as the socket takes it, so memory stays at one piece.
+    chunks to every scrape until the next collection. A ``packed`` snapshot (more series than
+    ``collection.cached_body_max_series``) never holds its text: its families keep their sample
+    lines compressed (``metrics.packed_exposition``, about 1/30 of the text), a gzip scrape gets
+    them assembled into one gzip member, and a text scrape decompresses them piece by piece as
+    the socket takes them (``pieces``).
     """
 
     families: list[Metric]
     results: dict[str, SourceResult]
     taken_at: float
     monotonic: float
-    streamed: bool = False
+    packed: bool = False
     _rendered: dict[str, Exposition] = field(default_factory=dict)
+    _fragments: dict[str, list[Fragment]] = field(default_factory=dict)
     _gzipped: dict[str, bytes] = field(default_factory=dict)
     _pending: dict[str, asyncio.Future[Any]] = field(default_factory=dict)
 
     def body(self, openmetrics: bool = False) -> Exposition:
-        """The scrape body as chunks, rendered once per format and snapshot (a streamed one's:
-        rendered whole at every call, never kept)."""
-        if self.streamed:
-            return exposition(self.families, openmetrics=openmetrics)
+        """The scrape body as chunks, rendered once per format and snapshot (a packed one's:
+        decompressed whole at every call, never kept)."""
+        if self.packed:
+            text = Exposition(series=self.series())
+            for fragment in self.fragments(openmetrics):
+                text.append(unpack(fragment))
+            return text
         key = _format_key(openmetrics)
         cached = self._rendered.get(key)
         if cached is None:
@@ -136,14 +142,36 @@ class Snapshot:
         in_thread = unrendered_series(self.families, openmetrics=openmetrics) > RENDER_IN_THREAD_SERIES
         return await self._shared(key, lambda: self.body(openmetrics), in_thread=in_thread)
 
+    def fragments(self, openmetrics: bool = False) -> list[Fragment]:
+        """A packed snapshot's body as compressed fragments, made once per format and snapshot
+        (families unchanged since the last collection bring theirs along)."""
+        key = _format_key(openmetrics)
+        cached = self._fragments.get(key)
+        if cached is None:
+            cached = self._fragments[key] = packed_exposition(self.families, openmetrics=openmetrics)
+        return cached
+
+    async def fragments_async(self, openmetrics: bool = False) -> list[Fragment]:
+        """``fragments``, in a worker thread when much is left to render and compress."""
+        key = _format_key(openmetrics)
+        cached = self._fragments.get(key)
+        if cached is not None:
+            return cached
+        in_thread = unpacked_series(self.families) > RENDER_IN_THREAD_SERIES
+        return await self._shared(f"packed-{key}", lambda: self.fragments(openmetrics), in_thread=in_thread)
+
     async def gzip_async(self, openmetrics: bool = False) -> bytes:
-        """The body gzip-compressed (what Prometheus asks for): compressed once per snapshot and
-        format in a worker thread, then served as these bytes to every gzip scrape. A streamed
-        snapshot's is made by ``gzip_pieces`` as it is sent."""
+        """The body gzip-compressed (what Prometheus asks for), made once per snapshot and format
+        and then served as these bytes to every gzip scrape: a kept text body is compressed in a
+        worker thread; a packed snapshot's fragments are only put together."""
         key = _format_key(openmetrics)
         cached = self._gzipped.get(key)
         if cached is not None:
             return cached
+        if self.packed:
+            fragments = await self.fragments_async(openmetrics)
+            packed = self._gzipped[key] = gzip_fragments(fragments)
+            return packed
         body = await self.body_async(openmetrics)
 
         def compress() -> bytes:
@@ -173,43 +201,11 @@ class Snapshot:
         return (await self.body_async(openmetrics)).join()
 
     async def pieces(self, openmetrics: bool = False) -> AsyncIterator[bytes]:
-        """The body as pieces of about ``STREAM_PIECE_SERIES`` series (or one larger family),
-        each rendered when the previous one has been written; large ones in a worker thread."""
-        batch: list[tuple[Metric, bool]] = []
-        series = 0
-        for family, header in exposition_order(self.families):
-            batch.append((family, header))
-            series += family_size(family)
-            if series >= STREAM_PIECE_SERIES:
-                yield await _render_piece(batch, series, openmetrics)
-                batch, series = [], 0
-        if batch:
-            yield await _render_piece(batch, series, openmetrics)
-        if openmetrics:
-            yield b"# EOF\n"
-
-    async def gzip_pieces(self, openmetrics: bool = False) -> AsyncIterator[bytes]:
-        """A streamed snapshot's body, gzip-compressed piece by piece as ``pieces`` renders it.
-        The compressed body (about 1/30 of the text) is then kept: the next gzip scrape of this
-        snapshot is served from it (``gzip_async``) instead of rendering everything again."""
-        key = _format_key(openmetrics)
-        stream = GzipStream()
-        packed: list[bytes] = []
-        async for piece in self.pieces(openmetrics):
-            out = (
-                await asyncio.to_thread(stream.compress, piece)
-                if len(piece) > GZIP_IN_THREAD
-                else stream.compress(piece)
-            )
-            if out:
-                packed.append(out)
-                yield out
-        packed.append(stream.finish())
-        self._gzipped[key] = b"".join(packed)
-        yield packed[-1]
-
-    def has_gzip(self, openmetrics: bool = False) -> bool:
-        return _format_key(openmetrics) in self._gzipped
+        """A packed snapshot's text in pieces of ``TEXT_PIECE`` bytes, each decompressed in a
+        worker thread when the previous one is being written."""
+        texts = unpacked_pieces(await self.fragments_async(openmetrics), TEXT_PIECE)
+        while (piece := await asyncio.to_thread(next, texts, None)) is not None:
+            yield piece
 
     def series(self) -> int:
         return sum(family_size(f) for f in self.families)
@@ -222,18 +218,12 @@ class Snapshot:
         them (``metrics.BuildCache``), so two bodies are never held at once."""
         self._rendered.clear()
         self._gzipped.clear()
+        self._fragments.clear()
 
 
 def _format_key(openmetrics: bool) -> str:
     """The key of a snapshot's rendered or compressed body in one format."""
     return "om" if openmetrics else "text"
-
-
-async def _render_piece(families: list[tuple[Metric, bool]], series: int, openmetrics: bool) -> bytes:
-    def render() -> bytes:
-        return b"".join(render_family(f, openmetrics=openmetrics, header=h) for f, h in families)
-
-    return await asyncio.to_thread(render) if series > RENDER_IN_THREAD_SERIES // 4 else render()
 
 
 class Engine:
@@ -323,16 +313,16 @@ class Engine:
             except Exception:  # the doctor must never cost the metrics
                 log.exception("pool doctor failed")
         snap.families.extend(self._self_families())
-        snap.streamed = cache_limit > 0 and snap.series() > cache_limit
-        if snap.streamed:
-            drop_rendered(snap.families)  # pre-rendered before the total was known
-        else:
-            try:
+        snap.packed = cache_limit > 0 and snap.series() > cache_limit
+        try:
+            if snap.packed:  # families pre-rendered as text before the total was known: compressed now
+                await snap.fragments_async(self.prefer_openmetrics)
+            else:
                 await snap.body_async(self.prefer_openmetrics)
-                if self.prefer_gzip:
-                    await snap.gzip_async(self.prefer_openmetrics)
-            except Exception:  # rendered again (and the error seen) by the scrape
-                log.exception("rendering the snapshot failed")
+            if self.prefer_gzip:
+                await snap.gzip_async(self.prefer_openmetrics)
+        except Exception:  # rendered again (and the error seen) by the scrape
+            log.exception("rendering the snapshot failed")
         self._snapshot = snap
         for hook in self._after_collect:
             try:

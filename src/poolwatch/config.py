@@ -258,11 +258,11 @@ class Collection(_Model):
         default=1.0, description="a scrape reuses a collection younger than this; older triggers a new one"
     )
     cached_body_max_series: int = Field(
-        default=500_000,
+        default=100_000,
         ge=0,
-        description="a body with more series is not kept between scrapes but rendered for each "
-        "scrape, piece by piece, to bound memory (its gzip form, a thirtieth of the size, is kept once "
-        "a gzip scrape has made it; 0: always keep)",
+        description="a body with more series is kept compressed between scrapes, family by family "
+        "(a thirtieth of the text), not as text: a gzip scrape is served it as it is, a text scrape "
+        "decompresses it on the way (0: always keep the text)",
     )
 
 

@@ -15,7 +15,7 @@ A SHOW POOLS of 10,000 rows becomes 12 families of 10,000 series that share one 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import compress
 from typing import Literal, cast
@@ -237,6 +237,9 @@ class ColumnarFamily(Metric):
         #: (openmetrics?, body) once ``prerender`` ran: a source renders its families while the
         #: next query is in flight, and ``exposition`` then only collects the bytes
         self.rendered: tuple[bool, bytes] | None = None
+        #: the sample lines (no HELP/TYPE: the same in both formats) compressed, once ``prepack``
+        #: ran: what a body too large to keep as text is kept as (``packed_exposition``)
+        self.packed: Fragment | None = None
 
     @property  # type: ignore[override]
     def samples(self) -> list[Sample]:
@@ -555,13 +558,6 @@ def unrendered_series(families: Iterable[Metric], *, openmetrics: bool = False) 
     )
 
 
-def drop_rendered(families: Iterable[Metric]) -> None:
-    """Forget pre-rendered bytes (the snapshot holding them is about to be replaced)."""
-    for family in families:
-        if isinstance(family, ColumnarFamily):
-            family.rendered = None
-
-
 @dataclass(slots=True)
 class Exposition:
     """A rendered scrape body as UTF-8 chunks (one per family), so no single huge copy is made."""
@@ -624,6 +620,145 @@ def gzip_chunks(chunks: Iterable[bytes]) -> bytes:
     """``chunks`` joined and gzip-compressed, without joining them uncompressed first."""
     stream = GzipStream()
     return b"".join([*map(stream.compress, chunks), stream.finish()])
+
+
+@dataclass(frozen=True, slots=True)
+class Fragment:
+    """Exposition text kept compressed: raw DEFLATE blocks (RFC 1951) ending on a byte boundary
+    and referring to nothing before them (a full flush), with the CRC-32 and length of the text.
+
+    Fragments compressed separately and concatenated are one valid DEFLATE stream, so a gzip body
+    is assembled from kept fragments without compressing anything again (``gzip_fragments``), and
+    a family unchanged since the last collection keeps its fragment. About 1/30 of the text.
+    """
+
+    data: bytes
+    crc: int
+    size: int
+
+
+def pack(text: bytes) -> Fragment:
+    deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, -isal_zlib.MAX_WBITS)
+    data = deflate.compress(text) + deflate.flush(isal_zlib.Z_FULL_FLUSH)
+    return Fragment(data, isal_zlib.crc32(text), len(text))
+
+
+def unpack(fragment: Fragment) -> bytes:
+    # a decompressor object: a fragment has no final block, which one-shot decompress requires
+    return isal_zlib.decompressobj(-isal_zlib.MAX_WBITS).decompress(fragment.data)
+
+
+def unpacked_pieces(fragments: Iterable[Fragment], size: int) -> Iterator[bytes]:
+    """The fragments' text in pieces of ``size`` bytes (the last one shorter), however large
+    one fragment's text is: a text scrape of a packed body holds one piece at a time."""
+    pending: list[bytes] = []
+    have = 0
+    for fragment in fragments:
+        inflate = isal_zlib.decompressobj(-isal_zlib.MAX_WBITS)
+        data = fragment.data
+        while True:
+            text = inflate.decompress(data, size - have)
+            data = inflate.unconsumed_tail
+            if not text and not data:
+                # all input read can still leave output inside the decompressor (the rest of a
+                # back-reference cut off by the size limit): drained by the calls before this
+                break
+            pending.append(text)
+            have += len(text)
+            if have >= size:
+                yield b"".join(pending)
+                pending, have = [], 0
+    if pending:
+        yield b"".join(pending)
+
+
+#: RFC 1952 member header: DEFLATE, no flags, no modification time, OS unknown
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+#: an empty final DEFLATE block: what ends a stream of concatenated fragments
+_FINAL_BLOCK = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, -isal_zlib.MAX_WBITS).flush()
+
+
+def gzip_fragments(fragments: Sequence[Fragment]) -> bytes:
+    """One gzip member holding the fragments' texts in order (their CRCs combined, not recomputed)."""
+    crc = size = 0
+    for fragment in fragments:
+        crc = isal_zlib.crc32_combine(crc, fragment.crc, fragment.size)
+        size += fragment.size
+    trailer = crc.to_bytes(4, "little") + (size & 0xFFFFFFFF).to_bytes(4, "little")
+    return b"".join([_GZIP_HEADER, *(f.data for f in fragments), _FINAL_BLOCK, trailer])
+
+
+def _sample_lines(family: ColumnarFamily) -> bytes:
+    """The family's text without its HELP/TYPE lines: cut from the rendered text if there is one."""
+    done = family.rendered
+    if done is not None:
+        header = _header(family, done[0]).encode()
+        if done[1].startswith(header):
+            return done[1][len(header) :]
+    return _lines("", family.sample_name, family.labels.text(), family.values, family.exponent)
+
+
+#: Columnar families with at least this many series keep their own compressed fragment; smaller
+#: ones (under ~100 KB of text) are rendered and compressed together with their neighbours at each
+#: snapshot: compressed alone, a few lines would not shrink much.
+PACK_ALONE_SERIES = 1000
+
+
+def _packs_alone(family: ColumnarFamily) -> bool:
+    return len(family.values) >= PACK_ALONE_SERIES
+
+
+def prepack(families: Iterable[Metric]) -> int:
+    """Compress the large columnar ``families``' sample lines now and keep the fragment on each,
+    their rendered text dropped; returns the series compressed now. For a body too large to
+    keep as text: a source calls it while its next query is in flight, as it would ``prerender``."""
+    series = 0
+    for family in families:
+        if isinstance(family, ColumnarFamily) and _packs_alone(family):
+            if family.packed is None:
+                family.packed = pack(_sample_lines(family))
+                series += len(family.values)
+            family.rendered = None
+    return series
+
+
+def unpacked_series(families: Iterable[Metric]) -> int:
+    """Series of ``families`` that ``packed_exposition`` would still have to render and compress."""
+    return sum(
+        family_size(f) for f in families if not (isinstance(f, ColumnarFamily) and f.packed is not None)
+    )
+
+
+def packed_exposition(families: Iterable[Metric], *, openmetrics: bool = False) -> list[Fragment]:
+    """``exposition`` as fragments: each large columnar family's kept lines (``prepack``, done now
+    where not done yet); between them, its header and the small families rendered and compressed
+    together. ``unpack`` of each, joined, is ``exposition``'s body."""
+    fragments: list[Fragment] = []
+    texts: list[bytes] = []
+
+    def pack_texts() -> None:
+        if texts:
+            fragments.append(pack(b"".join(texts)))
+            texts.clear()
+
+    for family, header in exposition_order(families):
+        try:
+            if isinstance(family, ColumnarFamily) and _packs_alone(family):
+                if header:
+                    texts.append(_header(family, openmetrics).encode())
+                pack_texts()
+                prepack([family])
+                assert family.packed is not None
+                fragments.append(family.packed)
+            else:
+                texts.append(render_family(family, openmetrics=openmetrics, header=header))
+        except Exception as exc:
+            exc.args = (*exc.args, family.name)
+            raise
+    if openmetrics:
+        texts.append(b"# EOF\n")
+    pack_texts()
+    return fragments
 
 
 def exposition(families: Iterable[Metric], *, openmetrics: bool = False) -> Exposition:

@@ -84,13 +84,12 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     }
     if gzip:
         headers["Content-Encoding"] = "gzip"
-    if snapshot.streamed and not (gzip and snapshot.has_gzip(openmetrics)):
-        # too large to keep between scrapes: rendered piece by piece as the socket takes it
+    if snapshot.packed and not gzip:
+        # too large to keep as text: decompressed piece by piece as the socket takes it
         response = web.StreamResponse(headers=headers)
-        response.enable_chunked_encoding()
+        response.content_length = sum(f.size for f in await snapshot.fragments_async(openmetrics))
         await response.prepare(request)
-        pieces = snapshot.gzip_pieces(openmetrics) if gzip else snapshot.pieces(openmetrics)
-        await _write_ahead(response, pieces)
+        await _write_ahead(response, snapshot.pieces(openmetrics))
         await response.write_eof()
         return response
     if gzip:
@@ -111,8 +110,8 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 
 
 async def _write_ahead(response: web.StreamResponse, pieces: AsyncIterator[bytes]) -> None:
-    """Write ``pieces`` while the next one is being rendered (in a worker thread): the socket
-    and the renderer work at the same time, and at most two pieces exist at once."""
+    """Write ``pieces`` while the next one is being made (in a worker thread): the socket and
+    the decompressor work at the same time, and at most two pieces exist at once."""
     upcoming = asyncio.ensure_future(anext(pieces))
     try:
         while True:

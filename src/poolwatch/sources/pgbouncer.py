@@ -63,11 +63,11 @@ from poolwatch.metrics import (
     LabelTable,
     SourceResult,
     as_float,
-    drop_rendered,
     family_size,
     label_column,
     label_text,
     numeric_column,
+    prepack,
     prerender,
 )
 from poolwatch.sources.pgbouncer_columns import (
@@ -1332,6 +1332,7 @@ class _Run:
     #: pre-render families in this format (True: OpenMetrics) as they are made; None: leave it
     render_openmetrics: bool | None = None
     prerendered: int = 0  # series pre-rendered so far
+    packing: bool = False  # past the body budget: families are compressed instead (prepack)
 
 
 @dataclass(slots=True)
@@ -1432,7 +1433,8 @@ class PgBouncerSource:
         self.render_openmetrics: bool | None = False
         #: the last SHOW POOLS / STATS / DATABASES tables: their unchanged columns are reused
         self._last_tables: dict[str, Table] = {}
-        #: pre-render no more than this many series (0: no limit); the engine's cached-body limit
+        #: pre-render no more than this many series as text, compress the rest (0: no limit); the
+        #: engine's cached-body limit
         self.prerender_series_max = 0
         self._build_cache = BuildCache()  # only touched by the collection holding the lock
         self._conn: psycopg.AsyncConnection[TupleRow] | None = None
@@ -1717,11 +1719,14 @@ class PgBouncerSource:
         families = collector_families(name, run.obs, self.target, selection, self._build_cache)
         if run.render_openmetrics is not None:
             budget = self.prerender_series_max
-            if budget and run.prerendered + sum(map(family_size, families)) > budget:
-                # a body this large is streamed, not kept: rendering it now would hold it whole
+            if not run.packing and budget and run.prerendered + sum(map(family_size, families)) > budget:
+                # a body this large is kept compressed, not as text (Snapshot.packed): what is
+                # rendered so far is compressed now, and the rest as it comes
+                run.packing = True
                 for done in run.families.values():
-                    drop_rendered(done)
-                run.render_openmetrics = None
+                    prepack(done)
+            if run.packing:
+                prepack(families)
             else:
                 run.prerendered += prerender(families, openmetrics=run.render_openmetrics)
         run.families[name] = families
