@@ -326,10 +326,16 @@ async def pgbouncer_phase(
         variants: list[tuple[str, dict[str, Any], Mapping[str, str]]] = [
             # what Prometheus gets: it always asks for gzip
             ("poolwatch (gzip as Prometheus asks)", {}, PROMETHEUS_HEADERS),
-            # memory for CPU: the body is never held, each scrape renders it
+            # the body kept compressed family by family at any size (the default above 100,000
+            # series), and kept as text at any size: what each costs in memory and time
             (
-                "poolwatch (body not kept: cached_body_max_series: 1)",
+                "poolwatch (body kept compressed: cached_body_max_series: 1)",
                 {"collection": {"cached_body_max_series": 1}},
+                SCRAPE_HEADERS,
+            ),
+            (
+                "poolwatch (body kept as text: cached_body_max_series: 0)",
+                {"collection": {"cached_body_max_series": 0}},
                 SCRAPE_HEADERS,
             ),
             # where the time goes: the pool doctor runs inside every collection
