@@ -35,6 +35,7 @@ import aiohttp
 import pytest
 import yaml
 
+from poolwatch import metrics
 from poolwatch.localcluster import Load, PostgresServer, free_port
 from tests.conftest import MakePgBouncer, unavailable
 from tests.daemon import make_config, pgbouncer_target, postgres_target, running_daemon, secret_env
@@ -228,14 +229,19 @@ def _rules() -> list[dict[str, Any]]:
 
 
 async def test_prometheus_scrapes_poolwatch_and_alerts_reach_alertmanager(
-    pg: PostgresServer, make_pgbouncer: MakePgBouncer, tmp_path: Path
+    pg: PostgresServer, make_pgbouncer: MakePgBouncer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prometheus_bin, alertmanager_bin = _binary("prometheus"), _binary("prometheus-alertmanager")
+    # Prometheus (Go's gzip reader) reads the body as a large PgBouncer's is served: families
+    # compressed one by one and put together into one gzip member (Snapshot.packed)
+    monkeypatch.setattr(metrics, "PACK_ALONE_SERIES", 2)
     pgb = make_pgbouncer(default_pool_size=POOL_SIZE, max_client_conn=100, query_wait_timeout=120)
     # SELECT 1 through the application's own pool (app/app): it queues when that pool is saturated
     probe = {"user": pgb.app_user, "password_env": secret_env(pgb.app_password)}
     config = make_config(
-        pgbouncers=[pgbouncer_target(pgb, "pgb", probe=probe)], postgres=[postgres_target(pg, "db")]
+        pgbouncers=[pgbouncer_target(pgb, "pgb", probe=probe)],
+        postgres=[postgres_target(pg, "db")],
+        collection={"cached_body_max_series": 1},
     )
 
     rules = tmp_path / "alerts.yml"

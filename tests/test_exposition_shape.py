@@ -232,3 +232,4 @@ def test_fragments_join_into_one_stream(size: int) -> None:
     assert b"".join(pieces) == whole
     assert all(len(p) == size for p in pieces[:-1]) and 0 < len(pieces[-1]) <= size
     assert gzip.decompress(gzip_fragments([])) == b""
+

@@ -112,19 +112,17 @@ async def metrics(request: web.Request) -> web.StreamResponse:
 async def _write_ahead(response: web.StreamResponse, pieces: AsyncIterator[bytes]) -> None:
     """Write ``pieces`` while the next one is being made (in a worker thread): the socket and
     the decompressor work at the same time, and at most two pieces exist at once."""
-    upcoming = asyncio.ensure_future(anext(pieces))
+    # the end is a None, not StopAsyncIteration: an exception kept on the last future would hold
+    # this frame, and the last piece with it, in a reference cycle until a full gc pass
+    upcoming = asyncio.ensure_future(anext(pieces, None))
     try:
-        while True:
-            try:
-                piece = await upcoming
-            except StopAsyncIteration:
-                return
-            upcoming = asyncio.ensure_future(anext(pieces))
+        while (piece := await upcoming) is not None:
+            upcoming = asyncio.ensure_future(anext(pieces, None))
             await _write(response, piece)
     finally:
         if not upcoming.done():  # the scraper went away mid-body
             upcoming.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+            with contextlib.suppress(asyncio.CancelledError):
                 await upcoming
 
 
