@@ -763,3 +763,26 @@ def test_table_keeps_few_objects_and_reads_as_rows() -> None:
     # a different number of rows: nothing to reuse, nothing shared by mistake
     third = parse_table(columns, rows([1, 2]), previous=second)
     assert list(third.column("database") or ()) == ["db0", "db1"]
+
+
+def test_text_columns_hold_one_object_per_value_across_tables() -> None:
+    """The driver makes a new ``str`` per row. With one ``strings`` map per collection, a column
+    with one value on all rows but PgBouncer's own (``user``, ``pool_mode``) holds two objects,
+    and the database names of SHOW POOLS and SHOW STATS are the same objects."""
+
+    def fresh(text: str) -> str:
+        return "".join(list(text))  # a new object with the same value
+
+    n = 50
+    pool_rows = [(fresh(f"db{i}"), fresh("app"), fresh("transaction"), 0) for i in range(n)]
+    pool_rows.append(("pgbouncer", "pgbouncer", "statement", 0))
+    strings: dict[Any, Any] = {}
+    pool_columns = ["database", "user", "pool_mode", "cl_active"]
+    pools = parse_table(pool_columns, pool_rows, None, strings)
+    stat_rows = [(fresh(f"db{i}"), i) for i in range(n)]
+    stats = parse_table(["database", "total_xact_count"], stat_rows, None, strings)
+    for column in ("user", "pool_mode"):
+        assert len({id(v) for v in pools.column(column) or ()}) == 2
+    pool_names, stat_names = list(pools.column("database") or ())[:n], list(stats.column("database") or ())
+    assert all(a is b for a, b in zip(pool_names, stat_names, strict=True))
+    assert list(pools) == [dict(zip(pool_columns, r, strict=True)) for r in pool_rows]

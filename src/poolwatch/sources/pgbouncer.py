@@ -362,7 +362,10 @@ class Table(Sequence[Row]):
 
 
 def parse_table(
-    columns: Sequence[str], rows: Iterable[Sequence[Any]], previous: Table | None = None
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    previous: Table | None = None,
+    strings: dict[Any, Any] | None = None,
 ) -> Table:
     """Result rows → a ``Table`` keyed by the newest column names.
 
@@ -370,6 +373,8 @@ def parse_table(
     parsing. If a release ever returned both an old and a new name, the new one wins. Decimal values
     (a driver without our numeric loader) become int/float, checked once per column, not per value.
     A column equal to ``previous``'s (the last collection's table of the same SHOW) is that column.
+    Text columns hold one object per distinct value, shared through ``strings`` with the other
+    tables of the same collection (a database's name is in SHOW POOLS, STATS and DATABASES).
     """
     present = set(columns)
     names = [
@@ -387,17 +392,22 @@ def parse_table(
         if previous is not None and len(previous) != len(rows):
             previous = None
         values = [
-            _settled(column, previous.column(name) if previous is not None else None)
+            _settled(column, previous.column(name) if previous is not None else None, strings)
             for name, column in zip(names, values, strict=True)
         ]
     return Table.from_columns(names, values, len(rows))
 
 
-def _settled(column: Sequence[Any], previous: Sequence[Any] | None) -> Sequence[Any]:
+def _settled(
+    column: Sequence[Any], previous: Sequence[Any] | None, strings: dict[Any, Any] | None = None
+) -> Sequence[Any]:
     """One column as kept, holding as few objects as it can. Names, modes, hosts and idle counters
     rarely change: a column equal to the last collection's is that column (this one's copies are
     freed at once). A column with one value in every row (a user, a pool mode, a port) is that
-    object repeated. Decimals (a driver without our numeric loader) become numbers."""
+    object repeated. A text column holds one object per distinct value (through ``strings``): the
+    driver makes a new ``str`` per row, and SHOW POOLS's ``user`` or ``pool_mode`` has one value
+    on every row but PgBouncer's own (10,000 copies of one word at 10,000 pools). Decimals (a
+    driver without our numeric loader) become numbers."""
     if previous is not None and previous == column:
         return previous
     first, n = column[0], len(column)
@@ -410,6 +420,8 @@ def _settled(column: Sequence[Any], previous: Sequence[Any] | None) -> Sequence[
         and column.count(first) == n
     ):
         return (first,) * n
+    if strings is not None and str in (type(first), type(column[n // 2]), type(column[-1])):
+        return tuple(map(strings.setdefault, column, column))
     return column
 
 
@@ -1333,6 +1345,8 @@ class _Run:
     render_openmetrics: bool | None = None
     prerendered: int = 0  # series pre-rendered so far
     packing: bool = False  # past the body budget: families are compressed instead (prepack)
+    #: one object per distinct text value across this collection's SHOW tables (parse_table)
+    strings: dict[Any, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -1713,7 +1727,7 @@ class PgBouncerSource:
     def _absorb_and_build(
         self, run: _Run, name: str, columns: list[str], rows: list[TupleRow], notices: list[str]
     ) -> None:
-        self._absorb(run.obs, name, columns, rows, notices)
+        self._absorb(run.obs, name, columns, rows, notices, run.strings)
         run.obs.collected.add(name)
         selection = self._selection(run) if name in _SELECTED else None
         families = collector_families(name, run.obs, self.target, selection, self._build_cache)
@@ -1754,6 +1768,7 @@ class PgBouncerSource:
         columns: list[str],
         rows: list[TupleRow],
         notices: Sequence[str] = (),
+        strings: dict[Any, Any] | None = None,
     ) -> None:
         if name == "version":
             text = label_text(rows[0][columns.index("version")]) if rows and "version" in columns else None
@@ -1764,7 +1779,7 @@ class PgBouncerSource:
                 raise ValueError("SHOW VERSION returned neither a row nor a NOTICE")
             obs.version, obs.version_tuple = text, parse_version(text)
         elif name in ("pools", "stats", "databases"):
-            table = parse_table(columns, rows, self._last_tables.get(name))
+            table = parse_table(columns, rows, self._last_tables.get(name), strings)
             self._last_tables[name] = table
             setattr(obs, name, table)
         elif name == "lists":
