@@ -384,7 +384,7 @@ def test_reports_render() -> None:
 def test_capture_server_check_query_reaches_the_doctor(version: str) -> None:
     from poolwatch.doctor.adapt import pgbouncer_facts
     from poolwatch.metrics import SourceResult
-    from poolwatch.sources.pgbouncer import PgBouncerObservation, PgBouncerSource
+    from poolwatch.sources.pgbouncer import PgBouncerObservation, PgBouncerSource, ShowResult
     from tests.test_pgbouncer_parsing import load
 
     captured = load(version)
@@ -400,7 +400,7 @@ def test_capture_server_check_query_reaches_the_doctor(version: str) -> None:
         ("servers", "SERVERS"),
     ]:
         result = captured[command]
-        source._absorb(obs, name, result.columns, result.rows)  # what a live collection runs
+        source._absorb(obs, name, ShowResult.from_rows(result.columns, result.rows))  # what a collection runs
         obs.collected.add(name)
     facts = pgbouncer_facts(SourceResult("pgb", "pgbouncer", True, observation=obs), "127.0.0.1", 6432)
     finding = run("stale_connection_detection", facts)

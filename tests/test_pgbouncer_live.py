@@ -5,23 +5,23 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
-import psycopg
 import pytest
 from bench import wire
 from prometheus_client.metrics_core import Metric
-from psycopg.types.numeric import IntLoader
 
 from poolwatch.localcluster import PgBouncerServer, PostgresServer, hold_transactions
 from poolwatch.metrics import exposition
+from poolwatch.sources import pgbouncer
 from poolwatch.sources.pgbouncer import (
     _READ_COLUMNS,
     COLLECTORS,
+    Connections,
     PgBouncerObservation,
     PgBouncerSource,
-    _load_rows,
-    aggregate_connections,
+    ShowResult,
+    aggregate_connection_columns,
     families_from_observation,
     select_pools,
 )
@@ -32,6 +32,27 @@ SHOWS_PER_COLLECTION = len(COLLECTORS)
 
 def _source(pgb: PgBouncerServer, **kw: object) -> PgBouncerSource:
     return PgBouncerSource("pgb", pgb.stats_dsn, pgb.stats_password, connect_timeout=5, **kw)  # type: ignore[arg-type]
+
+
+def _masked(rows: Iterable[Sequence[object]], columns: Iterable[int]) -> list[list[object]]:
+    """``rows`` with ``columns`` blanked out."""
+    masked = [list(row) for row in rows]
+    for row in masked:
+        for i in columns:
+            row[i] = None
+    return masked
+
+
+def _without_waits(aggregates: tuple[Connections, set[tuple[str, int]]]) -> object:
+    """The aggregates but the waits, which tick between two reads."""
+    connections, local_ends = aggregates
+    return {
+        key: (g.states, g.oldest_connect_time, g.close_needed) for key, g in connections.items()
+    }, local_ends
+
+
+def _columns(result: ShowResult) -> tuple[list[str], list[Sequence[object]], int]:
+    return result.names, result.values, result.length
 
 
 def _value(families: Iterable[Metric], name: str, **labels: str) -> float | None:
@@ -68,33 +89,46 @@ async def test_five_clients_on_a_pool_of_two(make_pgbouncer: MakePgBouncer) -> N
     assert result.observation.servers[("app", pgb.app_user)].states == {"active": 2}
 
 
-async def test_connection_aggregates_load_only_the_columns_they_read(make_pgbouncer: MakePgBouncer) -> None:
-    """SHOW CLIENTS / SERVERS load only the columns their aggregation reads (the others as
-    placeholders that allocate nothing): from the same result, the aggregates equal those of
-    every column loaded."""
+async def test_show_results_load_as_columns_slice_by_slice(
+    make_pgbouncer: MakePgBouncer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each SHOW's result is loaded into columns a few rows at a time (no list of row tuples for the
+    whole result). With 1 row per slice, its columns equal the rows psycopg's own cursor fetches.
+    SHOW CLIENTS / SERVERS load only the columns their aggregation reads (the others are left
+    empty), with the same aggregates as every column loaded, and text values are one object per
+    distinct value."""
+    monkeypatch.setattr(pgbouncer, "SLICE_ROWS", 1)
     pgb = make_pgbouncer(default_pool_size=2)
+    source = _source(pgb)
     async with hold_transactions(pgb.app_dsn(), pgb.app_password, 5, wait_holding=2):
         await asyncio.to_thread(pgb.wait_for_pool, "app", cl_waiting=3, cl_active=2)
-        conn = await psycopg.AsyncConnection.connect(
-            pgb.stats_dsn,
-            password=pgb.stats_password,
-            autocommit=True,
-            cursor_factory=psycopg.AsyncClientCursor,
-        )
+        conn = await source._connect()
         try:
-            conn.adapters.register_loader("numeric", IntLoader)
-            for show, name in (("CLIENTS", "clients"), ("SERVERS", "servers")):
+            for show in ("POOLS", "STATS", "DATABASES", "CONFIG", "CLIENTS", "SERVERS"):
                 cur = conn.cursor()
                 await cur.execute(f"SHOW {show}", prepare=False)
                 assert cur.description is not None
-                columns = [d.name for d in cur.description]
-                every, read = _load_rows(cur), _load_rows(cur, _READ_COLUMNS[name])
+                names, rows = [d.name for d in cur.description], await cur.fetchall()
+                result = pgbouncer._load(await source._execute(conn, f"SHOW {show}"), None, {})
+                assert result.names == names and result.length == len(rows) >= 2
+                ticking = [i for i, name in enumerate(names) if "wait" in name]  # the waiters' clocks
+                assert _masked(result.rows(), ticking) == _masked(rows, ticking)
+            for show, name in (("CLIENTS", "clients"), ("SERVERS", "servers")):
+                answer = await source._execute(conn, f"SHOW {show}")
+                every = pgbouncer._load(answer, None, {})
+                assert answer.result is not None and answer.result.ntuples == 0  # freed once loaded
+                answer = await source._execute(conn, f"SHOW {show}")
+                strings: dict[object, object] = {}
+                some = pgbouncer._load(answer, _READ_COLUMNS[name], strings)
                 ends = name == "servers"  # the doctor's listener check reads the servers' local ends
-                aggregates = aggregate_connections(columns, read, endpoints=ends)
-                assert aggregates == aggregate_connections(columns, every, endpoints=ends)
-                skipped = [i for i, column in enumerate(columns) if column not in _READ_COLUMNS[name]]
-                assert "addr" in columns and skipped
-                assert all(type(row[i]) is bool for row in read for i in skipped)
+                aggregates = aggregate_connection_columns(*_columns(some), endpoints=ends)
+                everything = aggregate_connection_columns(*_columns(every), endpoints=ends)
+                assert _without_waits(aggregates) == _without_waits(everything)
+                skipped = [i for i, column in enumerate(some.names) if column not in _READ_COLUMNS[name]]
+                assert "addr" in some.names and skipped
+                assert all(some.values[i] == () for i in skipped)
+                users = [u for u in some.values[some.names.index("user")] if u == pgb.app_user]
+                assert len(users) >= 2 and all(user is strings[pgb.app_user] for user in users)
                 connections, local_ends = aggregates
                 group = connections[("app", pgb.app_user)]
                 if name == "clients":

@@ -645,14 +645,14 @@ def test_not_allowed_names_the_user() -> None:
 
 def test_show_version_notice_fallback() -> None:
     """Before 1.12 SHOW VERSION sends a NOTICE and no row; the source reads the notice."""
-    from poolwatch.sources.pgbouncer import PgBouncerSource
+    from poolwatch.sources.pgbouncer import PgBouncerSource, ShowResult
 
     source = PgBouncerSource("t", "host=127.0.0.1 dbname=pgbouncer user=x", None, connect_timeout=1)
     obs = PgBouncerObservation(collected_at=0.0)
-    source._absorb(obs, "version", [], [], ["PgBouncer version 1.9.0"])
+    source._absorb(obs, "version", ShowResult([], [], 0), ["PgBouncer version 1.9.0"])
     assert obs.version == "PgBouncer version 1.9.0" and obs.version_tuple == (1, 9, 0)
     with pytest.raises(ValueError):
-        source._absorb(obs, "version", [], [], [])
+        source._absorb(obs, "version", ShowResult([], [], 0), [])
 
 
 def test_source_keeps_the_password_out_of_its_conninfo() -> None:

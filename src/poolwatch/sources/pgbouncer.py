@@ -49,6 +49,7 @@ from psycopg.abc import Buffer
 from psycopg.adapt import AdaptersMap, Loader, Transformer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import Format
+from psycopg.pq.abc import PGresult
 from psycopg.rows import TupleRow
 from psycopg.types.numeric import IntLoader
 
@@ -92,7 +93,9 @@ __all__ = [
     "PgBouncerSource",
     "PoolFilter",
     "Selection",
+    "ShowResult",
     "Table",
+    "aggregate_connection_columns",
     "aggregate_connections",
     "classify_pgbouncer_error",
     "families_from_observation",
@@ -106,6 +109,7 @@ __all__ = [
     "parse_table",
     "parse_version",
     "select_pools",
+    "table_from_columns",
 ]
 
 #: A value as it sits in an observation row: numbers as int/float, text as str, NULL as None.
@@ -367,7 +371,21 @@ def parse_table(
     previous: Table | None = None,
     strings: dict[Any, Any] | None = None,
 ) -> Table:
-    """Result rows → a ``Table`` keyed by the newest column names.
+    """Result rows → a ``Table`` keyed by the newest column names (``table_from_columns``)."""
+    rows = rows if isinstance(rows, list) else list(rows)
+    values: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
+    return table_from_columns(columns, values, len(rows), previous, strings)
+
+
+def table_from_columns(
+    columns: Sequence[str],
+    values: Sequence[Sequence[Any]],
+    length: int,
+    previous: Table | None = None,
+    strings: dict[Any, Any] | None = None,
+) -> Table:
+    """A SHOW's columns (``values``: one sequence of ``length`` values per column) → a ``Table``
+    keyed by the newest column names.
 
     Unknown columns are kept as they are (ignored downstream), so a new PgBouncer column never breaks
     parsing. If a release ever returned both an old and a new name, the new one wins. Decimal values
@@ -381,21 +399,19 @@ def parse_table(
         new if (new := COLUMN_RENAMES.get(name)) is not None and new not in present else name
         for name in columns
     ]
-    rows = rows if isinstance(rows, list) else list(rows)
-    values: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in names]
     if len(set(names)) != len(names):
         # duplicate column names: keep the first of each, as a dict would otherwise keep the last
         keep = [i for i, name in enumerate(names) if names.index(name) == i]
         names = [names[i] for i in keep]
         values = [values[i] for i in keep]
-    if rows:
-        if previous is not None and len(previous) != len(rows):
+    if length:
+        if previous is not None and len(previous) != length:
             previous = None
         values = [
             _settled(column, previous.column(name) if previous is not None else None, strings)
             for name, column in zip(names, values, strict=True)
         ]
-    return Table.from_columns(names, values, len(rows))
+    return Table.from_columns(names, values, length)
 
 
 def _settled(
@@ -523,21 +539,29 @@ ENDPOINT_COLUMNS = frozenset({"local_addr", "local_port"})
 def aggregate_connections(
     columns: Sequence[str], rows: Iterable[Sequence[Any]], *, endpoints: bool = True
 ) -> tuple[Connections, set[tuple[str, int]]]:
-    """SHOW CLIENTS / SHOW SERVERS → aggregates per (database, user) and the local endpoints.
+    """SHOW CLIENTS / SHOW SERVERS rows → ``aggregate_connection_columns``."""
+    rows = rows if isinstance(rows, list) else list(rows)
+    cols: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
+    return aggregate_connection_columns(columns, cols, len(rows), endpoints=endpoints)
 
-    Column by column rather than row by row: the result is transposed once (in C), states are
-    counted with a ``Counter``, and only the columns that are rarely non-zero (waits, close_needed)
-    are walked in Python, at their non-zero rows. Connect times are compared as text (the format
-    is fixed-width and sortable) and only each group's oldest is parsed.
+
+def aggregate_connection_columns(
+    columns: Sequence[str], cols: Sequence[Sequence[Any]], length: int, *, endpoints: bool = True
+) -> tuple[Connections, set[tuple[str, int]]]:
+    """SHOW CLIENTS / SHOW SERVERS columns → aggregates per (database, user) and the local endpoints.
+
+    ``cols`` holds one sequence of ``length`` values per column; a column the aggregation does not
+    read (``CONNECTION_COLUMNS``, ``ENDPOINT_COLUMNS``) may be left empty. Column by column rather
+    than row by row: states are counted with a ``Counter``, and only the columns that are rarely
+    non-zero (waits, close_needed) are walked in Python, at their non-zero rows. Connect times are
+    compared as text (the format is fixed-width and sortable) and only each group's oldest is parsed.
     """
     index = {name: i for i, name in enumerate(columns)}
     db_at, user_at, state_at = index.get("database"), index.get("user"), index.get("state")
-    rows = rows if isinstance(rows, list) else list(rows)
-    if db_at is None or user_at is None or not rows:
+    if db_at is None or user_at is None or not length:
         return Connections(Counter(), [], [], [], []), set()
-    cols = list(zip(*rows, strict=True))
     databases, users = label_column(cols[db_at]), label_column(cols[user_at])
-    states = label_column(cols[state_at]) if state_at is not None else [""] * len(rows)
+    states = label_column(cols[state_at]) if state_at is not None else [""] * length
     pairs: list[ConnKey] = list(zip(databases, users, strict=True))
     state_counts = Counter(zip(databases, users, states, strict=True))
     keys: list[ConnKey] = list(dict.fromkeys(pairs))  # first seen first, as the Counter
@@ -549,7 +573,7 @@ def aggregate_connections(
         stamps = cols[connect_at]
         # one-second resolution: few distinct stamps, each parsed once
         parsed = {stamp: parse_pgbouncer_time(stamp) for stamp in set(stamps) if type(stamp) is str}
-        if n == len(rows):
+        if n == length:
             # one connection per (database, user), e.g. a client per pool: each is its group's oldest
             oldest = list(map(parsed.get, stamps))
         else:
@@ -564,14 +588,14 @@ def aggregate_connections(
     if wait_at is not None:
         wait_us_at = index.get("wait_us")
         waits = cols[wait_at]
-        waits_us = cols[wait_us_at] if wait_us_at is not None else (0,) * len(rows)
+        waits_us = cols[wait_us_at] if wait_us_at is not None else (0,) * length
         if set(map(type, waits)) | set(map(type, waits_us)) <= {int}:
             max_wait = [0.0] * n  # ints everywhere: only the rows that wait need a look
             rows_to_read: Iterable[int] = sorted(
-                set(compress(range(len(rows)), waits)) | set(compress(range(len(rows)), waits_us))
+                set(compress(range(length), waits)) | set(compress(range(length), waits_us))
             )
         else:
-            rows_to_read = range(len(rows))
+            rows_to_read = range(length)
         for i in rows_to_read:
             seconds = as_float(waits[i])
             if seconds is None:
@@ -585,7 +609,7 @@ def aggregate_connections(
     close_needed = [0] * n
     close_at = index.get("close_needed")
     if close_at is not None:
-        for i in compress(range(len(rows)), cols[close_at]):
+        for i in compress(range(length), cols[close_at]):
             close_needed[position[pairs[i]]] += int(as_float(cols[close_at][i]) or 0)
     local: set[tuple[str, int]] = set()
     laddr_at, lport_at = index.get("local_addr"), index.get("local_port")
@@ -1350,10 +1374,68 @@ class _Run:
 
 
 @dataclass(slots=True)
-class _Answer:
-    """A SHOW whose result has arrived (rows not loaded yet), with what came along with it."""
+class ShowResult:
+    """One SHOW's answer as columns: ``values`` holds one sequence of ``length`` values per column
+    of ``names``, except that a column no one reads (``_READ_COLUMNS``) is left empty.
 
-    cursor: psycopg.AsyncCursor[TupleRow]
+    Never a list of row tuples: a 10,000-row SHOW as rows is a tuple per row on top of the values.
+    A SHOW that answers with no rows description (SHOW VERSION before 1.12) has no names.
+    """
+
+    names: list[str]
+    values: list[Sequence[Any]]
+    length: int
+
+    @classmethod
+    def from_rows(cls, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> ShowResult:
+        values: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+        return cls(list(names), values, len(rows))
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        """As row tuples (the small SHOWs, whose every column is read)."""
+        return list(zip(*self.values, strict=True)) if self.length else []
+
+
+class _ColumnsBuilder:
+    """A SHOW's columns, appended one slice of rows at a time. Only a slice ever exists as row
+    tuples, and a text value is kept as the one ``str`` per distinct value of the collection
+    (``strings``): the driver makes a new one per row (10,000 copies of one user name at 10,000
+    pools), and those go with their slice."""
+
+    def __init__(self, names: list[str], wanted: Collection[str] | None, strings: dict[Any, Any]) -> None:
+        self.names = names
+        self._read = [wanted is None or name in wanted for name in names]
+        self._values: list[list[Any]] = [[] for _ in names]
+        self._length = 0
+        self._strings = strings
+
+    def add(self, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        intern = self._strings.setdefault
+        for kept, read, column in zip(self._values, self._read, zip(*rows, strict=True), strict=True):
+            if not read:
+                continue
+            if type(column[0]) is str or type(column[-1]) is str:
+                kept.extend(map(intern, column, column))
+            else:
+                kept.extend(column)
+        self._length += len(rows)
+
+    def result(self) -> ShowResult:
+        # tuples, as parse_table's columns: a column equal to the last collection's is reused
+        kept = zip(self._values, self._read, strict=True)
+        values: list[Sequence[Any]] = [tuple(column) if read else () for column, read in kept]
+        return ShowResult(self.names, values, self._length)
+
+
+@dataclass(slots=True)
+class _Answer:
+    """A SHOW whose whole result has arrived, not loaded yet (``_load``), with what came along."""
+
+    result: PGresult | None  # None: no rows description (SHOW VERSION before 1.12: a NOTICE)
+    names: list[str]
+    adapters: AdaptersMap
     notices: list[str]
     sent_at: float
 
@@ -1364,29 +1446,68 @@ _SAFE_ADAPTERS.register_loader("numeric", _NumericLoader)
 _SAFE_ADAPTERS.register_loader("text", _TextLoader)
 
 
+def _result_names(result: PGresult) -> list[str]:
+    return [(result.fname(i) or b"").decode("utf-8", "replace") for i in range(result.nfields)]
+
+
 def _load_rows(
-    cur: psycopg.AsyncClientCursor[TupleRow], wanted: Collection[str] | None = None, *, safe: bool = False
-) -> list[TupleRow]:
-    """The rows of ``cur``'s result, only the ``wanted`` columns loaded (None: all of them).
+    result: PGresult,
+    adapters: AdaptersMap,
+    names: Sequence[str],
+    wanted: Collection[str] | None = None,
+    start: int = 0,
+    stop: int | None = None,
+) -> list[tuple[Any, ...]]:
+    """Rows ``start:stop`` of ``result``, only the ``wanted`` columns loaded (None: all of them).
 
     The other columns come as ``False``/``True`` placeholders: psycopg's C boolean loader reads one
     byte and allocates nothing, where a text column costs a new ``str`` per row (SHOW CLIENTS has
-    18 columns, its aggregation reads 6: loading 13.4 -> 8.5 ms at 10,000 clients). ``safe``: with the
-    forgiving Python loaders, for a result the fast C loaders refused (text that is not UTF-8, a
-    numeric that is not an integer).
+    18 columns, its aggregation reads 6: loading 13.4 -> 8.5 ms at 10,000 clients). When the fast
+    C loaders refuse the rows (text that is not UTF-8, a numeric that is not an integer), they are
+    loaded again with the forgiving Python loaders.
     """
-    result = cur.pgresult
-    if result is None:
-        return []
-    tx = Transformer(_SAFE_ADAPTERS if safe else cur.adapters)
-    columns = cur.description
-    if wanted is None or columns is None:
+    stop = result.ntuples if stop is None else stop
+    try:
+        return _loaded(result, adapters, names, wanted, start, stop)
+    except (ValueError, psycopg.DataError):  # UnicodeDecodeError is a ValueError
+        return _loaded(result, _SAFE_ADAPTERS, names, wanted, start, stop)
+
+
+def _loaded(
+    result: PGresult,
+    adapters: AdaptersMap,
+    names: Sequence[str],
+    wanted: Collection[str] | None,
+    start: int,
+    stop: int,
+) -> list[tuple[Any, ...]]:
+    tx = Transformer(adapters)
+    if wanted is None:
         tx.set_pgresult(result)
     else:
         tx.set_pgresult(result, set_loaders=False)
-        oids = [c.type_code if c.name in wanted else _PLACEHOLDER_OID for c in columns]
+        oids = [result.ftype(i) if name in wanted else _PLACEHOLDER_OID for i, name in enumerate(names)]
         tx.set_loader_types(oids, Format.TEXT)
-    return tx.load_rows(0, result.ntuples, tuple)
+    return tx.load_rows(start, stop, tuple)
+
+
+def _load(answer: _Answer, wanted: Collection[str] | None, strings: dict[Any, Any]) -> ShowResult:
+    """``answer``'s result as columns (only the ``wanted`` ones; None: all), loaded a slice of
+    ``SLICE_ROWS`` rows at a time, and the result freed."""
+    result = answer.result
+    if result is None:
+        return ShowResult([], [], 0)
+    builder = _ColumnsBuilder(answer.names, wanted, strings)
+    for start in range(0, result.ntuples, SLICE_ROWS):
+        stop = min(start + SLICE_ROWS, result.ntuples)
+        builder.add(_load_rows(result, answer.adapters, answer.names, wanted, start, stop))
+    result.clear()  # libpq's copy of the rows, megabytes at thousands of pools: not kept till gc
+    return builder.result()
+
+
+#: Rows loaded at a time: a SHOW's rows never all exist as tuples (a tuple per row on top of the
+#: values: megabytes at thousands of pools), only a slice of them.
+SLICE_ROWS = 1000
 
 
 #: loads a column the caller does not read: ``bool``'s C text loader allocates nothing
@@ -1635,35 +1756,22 @@ class PgBouncerSource:
             self._notices.append(diag.message_primary)
 
     async def _execute(self, conn: psycopg.AsyncConnection[TupleRow], command: str) -> _Answer:
-        """Send one SHOW and wait for its whole result; the rows are loaded by ``_rows`` later."""
+        """Send one SHOW and wait for its whole result; its rows are loaded by ``_process`` later,
+        while the next SHOW is in flight."""
         sent_at = time.perf_counter()
         self.queries_sent += 1
         self._notices.clear()
         cursor = conn.cursor()
-        await cursor.execute(command, prepare=False)
-        return _Answer(cursor, list(self._notices), sent_at)
+        try:
+            await cursor.execute(command, prepare=False)
+            names = [d.name for d in cursor.description] if cursor.description is not None else []
+            result = cursor.pgresult if cursor.description is not None else None
+            return _Answer(result, names, cursor.adapters, list(self._notices), sent_at)
+        finally:
+            await cursor.close()
 
     def _send(self, conn: psycopg.AsyncConnection[TupleRow], command: str) -> asyncio.Task[_Answer]:
         return asyncio.create_task(self._execute(conn, command), name=f"pgbouncer-show-{self.target}")
-
-    @staticmethod
-    async def _rows(
-        cursor: psycopg.AsyncCursor[TupleRow], wanted: Collection[str] | None = None
-    ) -> tuple[list[str], list[TupleRow]]:
-        """The result's column names and rows; only the ``wanted`` columns loaded (``_load_rows``)."""
-        client_cursor = cast(psycopg.AsyncClientCursor[TupleRow], cursor)
-        try:
-            if cursor.description is None:  # e.g. SHOW VERSION before 1.12: a NOTICE, no rows
-                return [], []
-            columns = [d.name for d in cursor.description]
-            try:
-                if wanted is not None:
-                    return columns, _load_rows(client_cursor, wanted)
-                return columns, await cursor.fetchall()
-            except (ValueError, psycopg.DataError):  # UnicodeDecodeError is a ValueError
-                return columns, _load_rows(client_cursor, wanted, safe=True)
-        finally:
-            await cursor.close()
 
     async def _run_collectors(
         self, run: _Run, conn: psycopg.AsyncConnection[TupleRow], collectors: Sequence[tuple[str, str]]
@@ -1707,13 +1815,12 @@ class PgBouncerSource:
         self, run: _Run, conn: psycopg.AsyncConnection[TupleRow], name: str, command: str, answer: _Answer
     ) -> None:
         try:
-            columns, rows = await self._rows(answer.cursor, _READ_COLUMNS.get(name))
-            if len(rows) > _BIG:
+            if answer.result is not None and answer.result.ntuples > _BIG:
                 # several ms of CPU at thousands of pools: in a thread, so the event loop (the
                 # next SHOW, HTTP, watchers, other targets) keeps getting turns meanwhile
-                await asyncio.to_thread(self._absorb_and_build, run, name, columns, rows, answer.notices)
+                await asyncio.to_thread(self._load_absorb_and_build, run, name, answer)
             else:
-                self._absorb_and_build(run, name, columns, rows, answer.notices)
+                self._load_absorb_and_build(run, name, answer)
         except psycopg.Error as exc:
             self._query_failed(run, conn, name, command, exc, answer.sent_at)
             return
@@ -1724,10 +1831,9 @@ class PgBouncerSource:
             return
         run.outcomes[name] = CollectorOutcome(name, True, time.perf_counter() - answer.sent_at)
 
-    def _absorb_and_build(
-        self, run: _Run, name: str, columns: list[str], rows: list[TupleRow], notices: list[str]
-    ) -> None:
-        self._absorb(run.obs, name, columns, rows, notices, run.strings)
+    def _load_absorb_and_build(self, run: _Run, name: str, answer: _Answer) -> None:
+        result = _load(answer, _READ_COLUMNS.get(name), run.strings)
+        self._absorb(run.obs, name, result, answer.notices, run.strings)
         run.obs.collected.add(name)
         selection = self._selection(run) if name in _SELECTED else None
         families = collector_families(name, run.obs, self.target, selection, self._build_cache)
@@ -1765,13 +1871,13 @@ class PgBouncerSource:
         self,
         obs: PgBouncerObservation,
         name: str,
-        columns: list[str],
-        rows: list[TupleRow],
+        result: ShowResult,
         notices: Sequence[str] = (),
         strings: dict[Any, Any] | None = None,
     ) -> None:
+        names, values, length = result.names, result.values, result.length
         if name == "version":
-            text = label_text(rows[0][columns.index("version")]) if rows and "version" in columns else None
+            text = label_text(values[names.index("version")][0]) if length and "version" in names else None
             if text is None:
                 # before 1.12 SHOW VERSION answers with a NOTICE (pgbouncer_exporter #51)
                 text = next((n for n in notices if _VERSION_RE.search(n)), None)
@@ -1779,18 +1885,19 @@ class PgBouncerSource:
                 raise ValueError("SHOW VERSION returned neither a row nor a NOTICE")
             obs.version, obs.version_tuple = text, parse_version(text)
         elif name in ("pools", "stats", "databases"):
-            table = parse_table(columns, rows, self._last_tables.get(name), strings)
+            table = table_from_columns(names, values, length, self._last_tables.get(name), strings)
             self._last_tables[name] = table
             setattr(obs, name, table)
         elif name == "lists":
-            obs.lists = parse_lists(columns, rows)
+            obs.lists = parse_lists(names, result.rows())
         elif name == "config":
-            obs.config = parse_config(columns, rows)
-            obs.config_raw = parse_config(columns, rows, raw=True)
+            rows = result.rows()
+            obs.config = parse_config(names, rows)
+            obs.config_raw = parse_config(names, rows, raw=True)
         elif name == "clients":
-            obs.clients, _ = aggregate_connections(columns, rows, endpoints=False)
+            obs.clients, _ = aggregate_connection_columns(names, values, length, endpoints=False)
         elif name == "servers":
-            obs.servers, obs.server_endpoints = aggregate_connections(columns, rows)
+            obs.servers, obs.server_endpoints = aggregate_connection_columns(names, values, length)
 
     def _result(self, run: _Run, seconds: float, timeout: float) -> SourceResult:
         late: tuple[ErrorReason, str] = ("timeout", f"no answer within {timeout:g}s")
