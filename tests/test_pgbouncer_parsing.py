@@ -786,3 +786,32 @@ def test_text_columns_hold_one_object_per_value_across_tables() -> None:
     pool_names, stat_names = list(pools.column("database") or ())[:n], list(stats.column("database") or ())
     assert all(a is b for a, b in zip(pool_names, stat_names, strict=True))
     assert list(pools) == [dict(zip(pool_columns, r, strict=True)) for r in pool_rows]
+
+
+@pytest.mark.parametrize("intern_all", [True, False])
+def test_columns_builder_keeps_columns_not_rows(intern_all: bool) -> None:
+    """A SHOW's rows arrive a slice at a time and leave as columns: the slices in order, the
+    columns no one reads left empty, a text column with one value in a slice as that value's one
+    object, and (``intern_all``) every text value as the one object per value of the collection.
+    Without ``intern_all`` (the SHOW tables, which ``table_from_columns`` interns after comparing
+    with the last collection) the varying text columns are left as they came."""
+    from poolwatch.sources.pgbouncer import _ColumnsBuilder
+
+    def fresh(text: str) -> str:
+        return "".join(list(text))  # a new object with the same value
+
+    strings: dict[Any, Any] = {"db1": "db1"}
+    read = {"database", "user", "wait"}
+    builder = _ColumnsBuilder(["database", "user", "addr", "wait"], read, strings, intern_all)
+    rows = [(fresh(f"db{i % 3}"), fresh("app"), fresh("10.0.0.1"), i) for i in range(7)]
+    for start in range(0, 7, 3):
+        builder.add(rows[start : start + 3])
+    builder.add([])
+    result = builder.result()
+    assert result.names == ["database", "user", "addr", "wait"] and result.length == 7
+    assert result.values[2] == () and result.values[3] == tuple(range(7))
+    assert result.values[0] == tuple(f"db{i % 3}" for i in range(7)) and result.values[1] == ("app",) * 7
+    assert all(user is strings["app"] for user in result.values[1])
+    names = result.values[0]
+    assert names[6] is strings["db0"]  # the last slice is one row: one value
+    assert (names[1] is strings["db1"]) is intern_all and (names[4] is strings["db1"]) is intern_all

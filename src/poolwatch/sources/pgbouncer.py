@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from itertools import compress
+from itertools import compress, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal, cast, overload
@@ -1398,12 +1398,21 @@ class ShowResult:
 
 class _ColumnsBuilder:
     """A SHOW's columns, appended one slice of rows at a time. Only a slice ever exists as row
-    tuples, and a text value is kept as the one ``str`` per distinct value of the collection
-    (``strings``): the driver makes a new one per row (10,000 copies of one user name at 10,000
-    pools), and those go with their slice."""
+    tuples. The driver makes a new ``str`` per row (10,000 copies of one user name at 10,000
+    pools): a slice's text column with one value becomes that value's one object in ``strings``
+    (the collection's one ``str`` per distinct value), and with ``intern_all`` so does every
+    text value, so the copies go with their slice.
+    """
 
-    def __init__(self, names: list[str], wanted: Collection[str] | None, strings: dict[Any, Any]) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        wanted: Collection[str] | None,
+        strings: dict[Any, Any],
+        intern_all: bool = True,
+    ) -> None:
         self.names = names
+        self._intern_all = intern_all
         self._read = [wanted is None or name in wanted for name in names]
         self._values: list[list[Any]] = [[] for _ in names]
         self._length = 0
@@ -1412,15 +1421,19 @@ class _ColumnsBuilder:
     def add(self, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
             return
-        intern = self._strings.setdefault
+        intern, n = self._strings.setdefault, len(rows)
         for kept, read, column in zip(self._values, self._read, zip(*rows, strict=True), strict=True):
             if not read:
                 continue
-            if type(column[0]) is str or type(column[-1]) is str:
+            first = column[0]
+            if type(first) is str and column.count(first) == n:
+                # one value in the whole slice (a user, a pool mode, a host): compared, not hashed
+                kept.extend(repeat(intern(first, first), n))
+            elif self._intern_all and (type(first) is str or type(column[-1]) is str):
                 kept.extend(map(intern, column, column))
             else:
                 kept.extend(column)
-        self._length += len(rows)
+        self._length += n
 
     def result(self) -> ShowResult:
         # tuples, as parse_table's columns: a column equal to the last collection's is reused
@@ -1491,13 +1504,16 @@ def _loaded(
     return tx.load_rows(start, stop, tuple)
 
 
-def _load(answer: _Answer, wanted: Collection[str] | None, strings: dict[Any, Any]) -> ShowResult:
+def _load(
+    answer: _Answer, wanted: Collection[str] | None, strings: dict[Any, Any], *, intern_all: bool = True
+) -> ShowResult:
     """``answer``'s result as columns (only the ``wanted`` ones; None: all), loaded a slice of
-    ``SLICE_ROWS`` rows at a time, and the result freed."""
+    ``SLICE_ROWS`` rows at a time, and the result freed. Text values are interned through
+    ``strings`` as in ``_ColumnsBuilder``."""
     result = answer.result
     if result is None:
         return ShowResult([], [], 0)
-    builder = _ColumnsBuilder(answer.names, wanted, strings)
+    builder = _ColumnsBuilder(answer.names, wanted, strings, intern_all)
     for start in range(0, result.ntuples, SLICE_ROWS):
         stop = min(start + SLICE_ROWS, result.ntuples)
         builder.add(_load_rows(result, answer.adapters, answer.names, wanted, start, stop))
@@ -1523,6 +1539,8 @@ _READ_COLUMNS: dict[str, frozenset[str]] = {
     "clients": CONNECTION_COLUMNS,
     "servers": CONNECTION_COLUMNS | ENDPOINT_COLUMNS,
 }
+#: the SHOWs kept as ``Table`` (the others are aggregated or small)
+_TABLES = frozenset({"pools", "stats", "databases"})
 #: the collectors whose families follow the cardinality guard's selection of pools
 _SELECTED = frozenset({"pools", "stats", "databases", "clients", "servers"})
 
@@ -1832,7 +1850,10 @@ class PgBouncerSource:
         run.outcomes[name] = CollectorOutcome(name, True, time.perf_counter() - answer.sent_at)
 
     def _load_absorb_and_build(self, run: _Run, name: str, answer: _Answer) -> None:
-        result = _load(answer, _READ_COLUMNS.get(name), run.strings)
+        # a table's columns are interned by table_from_columns, after most are found equal to the
+        # last collection's (and replaced by them: nothing to hash)
+        tables = name in _TABLES
+        result = _load(answer, _READ_COLUMNS.get(name), run.strings, intern_all=not tables)
         self._absorb(run.obs, name, result, answer.notices, run.strings)
         run.obs.collected.add(name)
         selection = self._selection(run) if name in _SELECTED else None
@@ -1884,7 +1905,7 @@ class PgBouncerSource:
             if text is None:
                 raise ValueError("SHOW VERSION returned neither a row nor a NOTICE")
             obs.version, obs.version_tuple = text, parse_version(text)
-        elif name in ("pools", "stats", "databases"):
+        elif name in _TABLES:
             table = table_from_columns(names, values, length, self._last_tables.get(name), strings)
             self._last_tables[name] = table
             setattr(obs, name, table)
