@@ -1459,10 +1459,6 @@ _SAFE_ADAPTERS.register_loader("numeric", _NumericLoader)
 _SAFE_ADAPTERS.register_loader("text", _TextLoader)
 
 
-def _result_names(result: PGresult) -> list[str]:
-    return [(result.fname(i) or b"").decode("utf-8", "replace") for i in range(result.nfields)]
-
-
 def _load_rows(
     result: PGresult,
     adapters: AdaptersMap,
