@@ -20,7 +20,6 @@ from poolwatch.sources.pgbouncer import (
     Connections,
     PgBouncerObservation,
     PgBouncerSource,
-    ShowResult,
     aggregate_connection_columns,
     families_from_observation,
     select_pools,
@@ -49,10 +48,6 @@ def _without_waits(aggregates: tuple[Connections, set[tuple[str, int]]]) -> obje
     return {
         key: (g.states, g.oldest_connect_time, g.close_needed) for key, g in connections.items()
     }, local_ends
-
-
-def _columns(result: ShowResult) -> tuple[list[str], list[Sequence[object]], int]:
-    return result.names, result.values, result.length
 
 
 def _value(families: Iterable[Metric], name: str, **labels: str) -> float | None:
@@ -121,8 +116,8 @@ async def test_show_results_load_as_columns_slice_by_slice(
                 strings: dict[object, object] = {}
                 some = pgbouncer._load(answer, _READ_COLUMNS[name], strings)
                 ends = name == "servers"  # the doctor's listener check reads the servers' local ends
-                aggregates = aggregate_connection_columns(*_columns(some), endpoints=ends)
-                everything = aggregate_connection_columns(*_columns(every), endpoints=ends)
+                aggregates = aggregate_connection_columns(some, endpoints=ends)
+                everything = aggregate_connection_columns(every, endpoints=ends)
                 assert _without_waits(aggregates) == _without_waits(everything)
                 skipped = [i for i, column in enumerate(some.names) if column not in _READ_COLUMNS[name]]
                 assert "addr" in some.names and skipped

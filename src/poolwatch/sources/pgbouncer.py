@@ -286,6 +286,31 @@ def _number(value: Decimal) -> int | float:
     return int(value) if value == value.to_integral_value() else float(value)
 
 
+@dataclass(slots=True)
+class ShowResult:
+    """One SHOW's answer as columns: ``values`` holds one sequence of ``length`` values per column
+    of ``names``, except that a column no one reads (``_READ_COLUMNS``) is left empty.
+
+    Never a list of row tuples: a 10,000-row SHOW as rows is a tuple per row on top of the values.
+    A SHOW that answers with no rows description (SHOW VERSION before 1.12) has no names.
+    """
+
+    names: list[str]
+    values: list[Sequence[Any]]
+    length: int
+
+    @classmethod
+    def from_rows(cls, names: Sequence[str], rows: Iterable[Sequence[Any]]) -> ShowResult:
+        """Rows (tests, hand-made facts, the small SHOWs) as columns: transposed once, in C."""
+        rows = rows if isinstance(rows, list) else list(rows)
+        values: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in names]
+        return cls(list(names), values, len(rows))
+
+    def rows(self) -> list[tuple[Any, ...]]:
+        """As row tuples (the small SHOWs, whose every column is read)."""
+        return list(zip(*self.values, strict=True)) if self.length else []
+
+
 class Table(Sequence[Row]):
     """The result of one SHOW as columns (one tuple per column) plus one column index.
 
@@ -298,9 +323,8 @@ class Table(Sequence[Row]):
     __slots__ = ("_length", "_values", "columns", "positions")
 
     def __init__(self, columns: Sequence[str], rows: Iterable[Sequence[Value]]) -> None:
-        rows = rows if isinstance(rows, list) else list(rows)
-        values = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
-        self._init(columns, values, len(rows))
+        result = ShowResult.from_rows(columns, rows)
+        self._init(columns, result.values, result.length)
 
     def _init(self, columns: Sequence[str], values: Sequence[Sequence[Value]], length: int) -> None:
         self.columns = tuple(columns)
@@ -372,20 +396,13 @@ def parse_table(
     strings: dict[Any, Any] | None = None,
 ) -> Table:
     """Result rows → a ``Table`` keyed by the newest column names (``table_from_columns``)."""
-    rows = rows if isinstance(rows, list) else list(rows)
-    values: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
-    return table_from_columns(columns, values, len(rows), previous, strings)
+    return table_from_columns(ShowResult.from_rows(columns, rows), previous, strings)
 
 
 def table_from_columns(
-    columns: Sequence[str],
-    values: Sequence[Sequence[Any]],
-    length: int,
-    previous: Table | None = None,
-    strings: dict[Any, Any] | None = None,
+    result: ShowResult, previous: Table | None = None, strings: dict[Any, Any] | None = None
 ) -> Table:
-    """A SHOW's columns (``values``: one sequence of ``length`` values per column) → a ``Table``
-    keyed by the newest column names.
+    """A SHOW's columns → a ``Table`` keyed by the newest column names.
 
     Unknown columns are kept as they are (ignored downstream), so a new PgBouncer column never breaks
     parsing. If a release ever returned both an old and a new name, the new one wins. Decimal values
@@ -394,10 +411,11 @@ def table_from_columns(
     Text columns hold one object per distinct value, shared through ``strings`` with the other
     tables of the same collection (a database's name is in SHOW POOLS, STATS and DATABASES).
     """
-    present = set(columns)
+    values, length = result.values, result.length
+    present = set(result.names)
     names = [
         new if (new := COLUMN_RENAMES.get(name)) is not None and new not in present else name
-        for name in columns
+        for name in result.names
     ]
     if len(set(names)) != len(names):
         # duplicate column names: keep the first of each, as a dict would otherwise keep the last
@@ -540,23 +558,22 @@ def aggregate_connections(
     columns: Sequence[str], rows: Iterable[Sequence[Any]], *, endpoints: bool = True
 ) -> tuple[Connections, set[tuple[str, int]]]:
     """SHOW CLIENTS / SHOW SERVERS rows → ``aggregate_connection_columns``."""
-    rows = rows if isinstance(rows, list) else list(rows)
-    cols: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in columns]
-    return aggregate_connection_columns(columns, cols, len(rows), endpoints=endpoints)
+    return aggregate_connection_columns(ShowResult.from_rows(columns, rows), endpoints=endpoints)
 
 
 def aggregate_connection_columns(
-    columns: Sequence[str], cols: Sequence[Sequence[Any]], length: int, *, endpoints: bool = True
+    result: ShowResult, *, endpoints: bool = True
 ) -> tuple[Connections, set[tuple[str, int]]]:
     """SHOW CLIENTS / SHOW SERVERS columns → aggregates per (database, user) and the local endpoints.
 
-    ``cols`` holds one sequence of ``length`` values per column; a column the aggregation does not
-    read (``CONNECTION_COLUMNS``, ``ENDPOINT_COLUMNS``) may be left empty. Column by column rather
+    A column the aggregation does not read (``CONNECTION_COLUMNS``, ``ENDPOINT_COLUMNS``) may be
+    left empty in ``result``. Column by column rather
     than row by row: states are counted with a ``Counter``, and only the columns that are rarely
     non-zero (waits, close_needed) are walked in Python, at their non-zero rows. Connect times are
     compared as text (the format is fixed-width and sortable) and only each group's oldest is parsed.
     """
-    index = {name: i for i, name in enumerate(columns)}
+    cols, length = result.values, result.length
+    index = {name: i for i, name in enumerate(result.names)}
     db_at, user_at, state_at = index.get("database"), index.get("user"), index.get("state")
     if db_at is None or user_at is None or not length:
         return Connections(Counter(), [], [], [], []), set()
@@ -1373,29 +1390,6 @@ class _Run:
     strings: dict[Any, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class ShowResult:
-    """One SHOW's answer as columns: ``values`` holds one sequence of ``length`` values per column
-    of ``names``, except that a column no one reads (``_READ_COLUMNS``) is left empty.
-
-    Never a list of row tuples: a 10,000-row SHOW as rows is a tuple per row on top of the values.
-    A SHOW that answers with no rows description (SHOW VERSION before 1.12) has no names.
-    """
-
-    names: list[str]
-    values: list[Sequence[Any]]
-    length: int
-
-    @classmethod
-    def from_rows(cls, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> ShowResult:
-        values: list[Sequence[Any]] = list(zip(*rows, strict=True)) if rows else [() for _ in names]
-        return cls(list(names), values, len(rows))
-
-    def rows(self) -> list[tuple[Any, ...]]:
-        """As row tuples (the small SHOWs, whose every column is read)."""
-        return list(zip(*self.values, strict=True)) if self.length else []
-
-
 class _ColumnsBuilder:
     """A SHOW's columns, appended one slice of rows at a time. Only a slice ever exists as row
     tuples. The driver makes a new ``str`` per row (10,000 copies of one user name at 10,000
@@ -1892,9 +1886,10 @@ class PgBouncerSource:
         notices: Sequence[str] = (),
         strings: dict[Any, Any] | None = None,
     ) -> None:
-        names, values, length = result.names, result.values, result.length
+        names = result.names
         if name == "version":
-            text = label_text(values[names.index("version")][0]) if length and "version" in names else None
+            have = result.length and "version" in names
+            text = label_text(result.values[names.index("version")][0]) if have else None
             if text is None:
                 # before 1.12 SHOW VERSION answers with a NOTICE (pgbouncer_exporter #51)
                 text = next((n for n in notices if _VERSION_RE.search(n)), None)
@@ -1902,7 +1897,7 @@ class PgBouncerSource:
                 raise ValueError("SHOW VERSION returned neither a row nor a NOTICE")
             obs.version, obs.version_tuple = text, parse_version(text)
         elif name in _TABLES:
-            table = table_from_columns(names, values, length, self._last_tables.get(name), strings)
+            table = table_from_columns(result, self._last_tables.get(name), strings)
             self._last_tables[name] = table
             setattr(obs, name, table)
         elif name == "lists":
@@ -1912,9 +1907,9 @@ class PgBouncerSource:
             obs.config = parse_config(names, rows)
             obs.config_raw = parse_config(names, rows, raw=True)
         elif name == "clients":
-            obs.clients, _ = aggregate_connection_columns(names, values, length, endpoints=False)
+            obs.clients, _ = aggregate_connection_columns(result, endpoints=False)
         elif name == "servers":
-            obs.servers, obs.server_endpoints = aggregate_connection_columns(names, values, length)
+            obs.servers, obs.server_endpoints = aggregate_connection_columns(result)
 
     def _result(self, run: _Run, seconds: float, timeout: float) -> SourceResult:
         late: tuple[ErrorReason, str] = ("timeout", f"no answer within {timeout:g}s")
