@@ -603,23 +603,11 @@ class Exposition:
 GZIP_LEVEL = 1
 
 
-class GzipStream:
-    """One gzip member (RFC 1952) made from a sequence of chunks, as Prometheus asks for it."""
-
-    def __init__(self) -> None:
-        self._deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS)
-
-    def compress(self, chunk: bytes) -> bytes:
-        return self._deflate.compress(chunk)
-
-    def finish(self) -> bytes:
-        return self._deflate.flush()
-
-
 def gzip_chunks(chunks: Iterable[bytes]) -> bytes:
-    """``chunks`` joined and gzip-compressed, without joining them uncompressed first."""
-    stream = GzipStream()
-    return b"".join([*map(stream.compress, chunks), stream.finish()])
+    """``chunks`` joined and gzip-compressed into one member (RFC 1952), as Prometheus asks for
+    it, without joining them uncompressed first."""
+    deflate = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 16 + isal_zlib.MAX_WBITS)
+    return b"".join([*map(deflate.compress, chunks), deflate.flush()])
 
 
 @dataclass(frozen=True, slots=True)
