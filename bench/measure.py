@@ -17,7 +17,7 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -204,15 +204,23 @@ class Exporter:
         warmup: int = 2,
         pause: float = 0.0,
         headers: Mapping[str, str] = SCRAPE_HEADERS,
+        before_each: Callable[[], object] | None = None,
     ) -> Run:
-        """``warmup`` scrapes, then ``scrapes`` timed ones back to back; CPU over the timed ones."""
+        """``warmup`` scrapes, then ``scrapes`` timed ones back to back; CPU over the timed ones.
+
+        ``before_each`` runs before every scrape (outside the timing; the CPU it makes the exporter
+        spend, none unless the exporter collects in the background, is counted)."""
         run = Run(self.name)
         body, wire = b"", 0
         for _ in range(warmup):
+            if before_each is not None:
+                before_each()
             _, body, wire = scrape(self.port, self.path, headers=headers)
         run.rss_after_warmup_kb = memory_kb(self.pid)["VmRSS"]
         cpu_before = cpu_seconds(self.pid)
         for _ in range(scrapes):
+            if before_each is not None:
+                before_each()
             seconds, body, wire = scrape(self.port, self.path, headers=headers)
             run.scrapes.append(seconds)
             if pause:

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -354,10 +354,62 @@ async def pgbouncer_phase(
                 f"   {label}: median {run.median_ms:.1f} ms, cpu {run.cpu_ms:.1f} ms, "
                 f"{run.series} series, peak RSS {run.peak_rss_kb / 1024:.0f} MB"
             )
+        if args.busy > 0 and n <= BUSY_MAX_POOLS:
+            result["runs"] += [run.as_dict() for run in await busy_fleet(scenario, work, n, args, factories)]
     finally:
         await proxy.stop()
         await scenario.stop_pgbouncer()
     return result
+
+
+BUSY_MAX_POOLS = 10_000  # warming 100,000 pools one query each would take a quarter of an hour
+
+
+def busy_label(exporter: str) -> str:
+    return f"{exporter} (busy)"
+
+
+async def busy_fleet(
+    scenario: Scenario,
+    work: Workdir,
+    n: int,
+    args: argparse.Namespace,
+    factories: Sequence[tuple[str, Callable[[str, int], Exporter], int]],
+) -> list[Run]:
+    """The same exporters on a fleet in use, after the idle runs (warming cannot be undone).
+
+    Every pool serves one query first, so SHOW STATS has non-zero counters in every row and its
+    time columns differ from pool to pool; then, before each scrape, the next ``--busy`` share of
+    the pools serves one more, so every collection sees counters move in some pools and the
+    families made from them change."""
+    log(f"   busy fleet: every pool serves a query ({n} pools)")
+    log(f"   warmed in {await scenario.warm_pools():.0f}s")
+    loop = asyncio.get_running_loop()
+    k = max(1, round(n * args.busy))
+
+    def churn() -> None:
+        asyncio.run_coroutine_threadsafe(scenario.churn(k), loop).result()
+        time.sleep(0.1)  # let the last queries' statistics land
+
+    runs = []
+    pgb = scenario.pgbouncer
+    assert pgb is not None
+    for label, factory, count in factories:
+        exporter = factory(pgb.host, pgb.port)
+        await in_thread(exporter.start)
+        try:
+            with quiet_gc():
+                run: Run = await in_thread(functools.partial(exporter.measure, count, before_each=churn))
+        finally:
+            await in_thread(exporter.stop)
+        run.exporter = busy_label(label)
+        run.extra["pools_queried_before_each_scrape"] = k
+        runs.append(run)
+        log(
+            f"   {run.exporter}: {k} pools queried before each scrape: median {run.median_ms:.1f} ms, "
+            f"p99 {run.p99_ms:.1f} ms, cpu {run.cpu_ms:.1f} ms, peak RSS {run.peak_rss_kb / 1024:.0f} MB"
+        )
+    return runs
 
 
 async def postgres_phase(
@@ -451,14 +503,18 @@ def table(report: dict[str, Any]) -> str:
                 f"{r['p99_ms']:.1f} ms | {r['cpu_ms_per_scrape']:.1f} ms | {r['peak_rss_mb']:.0f} MB | "
                 f"{r.get('round_trips_per_collection', '—')} | {r.get('logins_per_collection', '—')} |"
             )
-        ours, peer = by_name.get("poolwatch"), by_name.get("prometheus-pgbouncer-exporter")
-        if ours and peer:
-            ratios.append(
-                f"| {phase['pools']:,} | {_ratio(ours['median_ms'], peer['median_ms'])} | "
-                f"{_ratio(ours['cpu_ms_per_scrape'], peer['cpu_ms_per_scrape'])} | "
-                f"{_ratio(ours['peak_rss_mb'], peer['peak_rss_mb'])} | "
-                f"{ours['series'] / max(peer['series'], 1):.2f} |"
-            )
+        for ours_name, peer_name, fleet in (
+            ("poolwatch", "prometheus-pgbouncer-exporter", ""),
+            (busy_label("poolwatch"), busy_label("prometheus-pgbouncer-exporter"), " busy"),
+        ):
+            ours, peer = by_name.get(ours_name), by_name.get(peer_name)
+            if ours and peer:
+                ratios.append(
+                    f"| {phase['pools']:,}{fleet} | {_ratio(ours['median_ms'], peer['median_ms'])} | "
+                    f"{_ratio(ours['cpu_ms_per_scrape'], peer['cpu_ms_per_scrape'])} | "
+                    f"{_ratio(ours['peak_rss_mb'], peer['peak_rss_mb'])} | "
+                    f"{ours['series'] / max(peer['series'], 1):.2f} |"
+                )
     if ratios:
         lines += [
             "",
@@ -597,6 +653,14 @@ def main(argv: list[str] | None = None) -> int:
         help="one more PgBouncer point (e.g. 100000): clients log out again, pools stay",
     )
     parser.add_argument("--scrapes", type=int, default=40, help="timed scrapes per exporter (fewer at 10k+)")
+    parser.add_argument(
+        "--busy",
+        type=float,
+        default=0.02,
+        metavar="SHARE",
+        help="after the idle runs, every pool serves a query and this share of the pools one more "
+        "before each scrape (0: idle fleet only; pool counts up to 10,000)",
+    )
     parser.add_argument("--skip-peers", action="store_true", help="poolwatch only")
     parser.add_argument("--keep-logs", action="store_true", help="keep the exporters' configs and logs")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "latest.json"), help="JSON report")

@@ -97,6 +97,8 @@ class Scenario:
         self.pgbouncer: PgBouncerServer | None = None
         self.pools = 0
         self._pool_clients: list[wire.WireConn] = []
+        self._busy_pools = 0  # the first generated pools, held blocked by _make_busy
+        self._churned = 0  # where churn() goes on
         self._backends: list[wire.WireConn] = []
 
     # -- PostgreSQL ----------------------------------------------------------------------------
@@ -156,8 +158,8 @@ class Scenario:
             conn.close()
         if backends:
             # active ones run pg_sleep: make sure they are gone before the next phase counts
-            with self.pg.connect() as conn:
-                conn.execute(
+            with self.pg.connect() as admin:
+                admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE backend_type = 'client backend' AND usename = ANY(%s) AND pid <> pg_backend_pid()",
                     (list(BENCH_ROLES),),
@@ -230,7 +232,8 @@ class Scenario:
             self._pool_clients += [c for c in got if c is not None]
             await self._wait_servers_below(pgb, 400)
         self.pools = n
-        await self._make_busy(pgb, min(busy_pools, n))
+        self._busy_pools = min(busy_pools, n)
+        await self._make_busy(pgb, self._busy_pools)
 
     async def _wait_servers_below(self, pgb: PgBouncerServer, limit: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -249,6 +252,49 @@ class Scenario:
             waiter = await wire.connect("app", name, host=pgb.host, port=pgb.port)
             waiter.send("SELECT 1")  # queued: pool_size 1 is taken by the holder
             self._pool_clients += [holder, waiter]
+
+    def _quiet_pool_names(self) -> list[str]:
+        """The generated pools that ``_make_busy`` left alone (its pools stay blocked)."""
+        return [f"p{i:05d}" for i in range(self._busy_pools, self.pools)]
+
+    async def _query_pools(self, names: list[str], *, concurrency: int = 48, batch: int = 300) -> None:
+        """One ``SELECT 1`` in each pool, through a client of its own that logs out again.
+
+        Each query needs a server connection (the previous one closed after ``server_idle_timeout``),
+        so batches wait for PgBouncer's server count to fall: PostgreSQL is never exhausted.
+        """
+        pgb = self.pgbouncer
+        assert pgb is not None
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(name: str) -> None:
+            async with sem:
+                conn = await wire.connect("app", name, host=pgb.host, port=pgb.port, timeout=120)
+                try:
+                    await asyncio.wait_for(conn.query("SELECT 1"), 60)
+                finally:
+                    conn.close()
+
+        for first in range(0, len(names), batch):
+            await asyncio.gather(*(one(name) for name in names[first : first + batch]))
+            await self._wait_servers_below(pgb, 400)
+
+    async def warm_pools(self) -> float:
+        """Every quiet pool serves a query: afterwards SHOW STATS has non-zero, mostly distinct
+        counters (query and transaction times) in every row, as on a fleet in use. Seconds taken."""
+        started = time.monotonic()
+        await self._query_pools(self._quiet_pool_names())
+        self._churned = 0
+        return time.monotonic() - started
+
+    async def churn(self, k: int) -> None:
+        """The next ``k`` quiet pools (in turn, wrapping around) serve one more query each."""
+        names = self._quiet_pool_names()
+        if not names or k <= 0:
+            return
+        picked = [names[(self._churned + i) % len(names)] for i in range(min(k, len(names)))]
+        self._churned = (self._churned + len(picked)) % len(names)
+        await self._query_pools(picked)
 
     async def stop_pgbouncer(self) -> None:
         clients, self._pool_clients = self._pool_clients, []
