@@ -394,15 +394,21 @@ async def busy_fleet(
     runs = []
     pgb = scenario.pgbouncer
     assert pgb is not None
-    for label, factory, count in factories:
+    plan = [(busy_label(label), factory, count, SCRAPE_HEADERS) for label, factory, count in factories]
+    _, poolwatch_factory, poolwatch_scrapes = factories[0]  # poolwatch comes first
+    label = "poolwatch (busy, gzip as Prometheus asks)"
+    plan.insert(1, (label, poolwatch_factory, poolwatch_scrapes, PROMETHEUS_HEADERS))
+    for label, factory, count, headers in plan:
         exporter = factory(pgb.host, pgb.port)
         await in_thread(exporter.start)
         try:
             with quiet_gc():
-                run: Run = await in_thread(functools.partial(exporter.measure, count, before_each=churn))
+                run: Run = await in_thread(
+                    functools.partial(exporter.measure, count, headers=headers, before_each=churn)
+                )
         finally:
             await in_thread(exporter.stop)
-        run.exporter = busy_label(label)
+        run.exporter = label
         run.extra["pools_queried_before_each_scrape"] = k
         runs.append(run)
         log(
