@@ -19,6 +19,8 @@ and measures, each exporter as its own process scraped over HTTP the way a scrap
   proxy, round trips (simple-query messages) and logins per collection;
 * poolwatch alone: scrapes served from a fresh collection (``max_age`` long), and N concurrent
   scrapes (how many collections they cost);
+* both again on a busy fleet (``--busy``, up to 10,000 pools): every pool serves a query, then a
+  share of them one more before each scrape (``Scenario.warm_pools`` / ``churn``);
 * PostgreSQL: poolwatch (a postgres target only) and Debian's ``prometheus-postgres-exporter``.
 
 One table is printed and written as JSON (``--out``); ``--markdown FILE`` also rewrites the table

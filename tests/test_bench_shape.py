@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from bench import wire
@@ -195,3 +196,36 @@ async def test_memory_floor_reads_chunks_as_whole_results(make_pgbouncer: MakePg
         series.append(rows[1]["series"])
     # 31 pools (30 and the console's own): SHOW POOLS alone has several families of 31 series
     assert series[0] == series[1] > 31 * 5
+
+
+async def test_busy_fleet_moves_the_counters_of_the_pools_it_says(tmp_path: Path) -> None:
+    """The bench's busy fleet (``--busy``): warming runs one query in every quiet pool, each churn
+    the next pools in turn, wrapping around; the pools ``_make_busy`` holds blocked are left alone."""
+    from bench.scenario import Scenario
+
+    scenario = Scenario(tmp_path / "bench", max_connections=60)
+    try:
+        await asyncio.to_thread(scenario.start_postgres)
+        await scenario.start_pgbouncer(12, busy_pools=2)
+        pgb = scenario.pgbouncer
+        assert pgb is not None
+
+        async def queries() -> dict[str, int]:
+            rows = await asyncio.to_thread(pgb.show, "STATS")
+            return {r["database"]: int(r["total_query_count"]) for r in rows if r["database"][:1] == "p"}
+
+        before = await queries()
+        await scenario.warm_pools()
+        warmed = await queries()
+        for _ in range(4):  # 16 queries over the 10 quiet pools: once round, then 6 more
+            await scenario.churn(4)
+        after = await queries()
+    finally:
+        await scenario.close()
+    quiet = [f"p{i:05d}" for i in range(2, 12)]
+    assert {name: warmed[name] - before[name] for name in quiet} == dict.fromkeys(quiet, 1)
+    assert {name: after[name] - warmed[name] for name in quiet} == {
+        **dict.fromkeys(quiet[:6], 2),
+        **dict.fromkeys(quiet[6:], 1),
+    }
+    assert [after[f"p{i:05d}"] - before[f"p{i:05d}"] for i in range(2)] == [0, 0]
