@@ -357,7 +357,7 @@ async def pgbouncer_phase(
                 f"{run.series} series, peak RSS {run.peak_rss_kb / 1024:.0f} MB"
             )
         if args.busy > 0 and n <= BUSY_MAX_POOLS:
-            result["runs"] += [run.as_dict() for run in await busy_fleet(scenario, work, n, args, factories)]
+            result["runs"] += [run.as_dict() for run in await busy_fleet(scenario, n, args.busy, factories)]
     finally:
         await proxy.stop()
         await scenario.stop_pgbouncer()
@@ -373,21 +373,20 @@ def busy_label(exporter: str) -> str:
 
 async def busy_fleet(
     scenario: Scenario,
-    work: Workdir,
     n: int,
-    args: argparse.Namespace,
+    share: float,
     factories: Sequence[tuple[str, Callable[[str, int], Exporter], int]],
 ) -> list[Run]:
     """The same exporters on a fleet in use, after the idle runs (warming cannot be undone).
 
     Every pool serves one query first, so SHOW STATS has non-zero counters in every row and its
-    time columns differ from pool to pool; then, before each scrape, the next ``--busy`` share of
-    the pools serves one more, so every collection sees counters move in some pools and the
+    time columns differ from pool to pool; then, before each scrape, the next ``share`` of the
+    pools serves one more, so every collection sees counters move in some pools and the
     families made from them change."""
     log(f"   busy fleet: every pool serves a query ({n} pools)")
     log(f"   warmed in {await scenario.warm_pools():.0f}s")
     loop = asyncio.get_running_loop()
-    k = max(1, round(n * args.busy))
+    k = max(1, round(n * share))
 
     def churn() -> None:
         asyncio.run_coroutine_threadsafe(scenario.churn(k), loop).result()
@@ -649,6 +648,16 @@ def _poolwatch_version() -> str:
     return __version__
 
 
+def share_of_pools(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1 (0.02 = 2 % of the pools)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--pools", default="100,2000,10000", help="PgBouncer pool counts (comma-separated)")
@@ -663,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scrapes", type=int, default=40, help="timed scrapes per exporter (fewer at 10k+)")
     parser.add_argument(
         "--busy",
-        type=float,
+        type=share_of_pools,
         default=0.02,
         metavar="SHARE",
         help="after the idle runs, every pool serves a query and this share of the pools one more "
