@@ -197,13 +197,19 @@ async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
 
 
 async def measure_variant(
-    exporter: Exporter, label: str, scrapes: int, headers: Mapping[str, str] = SCRAPE_HEADERS
+    exporter: Exporter,
+    label: str,
+    scrapes: int,
+    headers: Mapping[str, str] = SCRAPE_HEADERS,
+    before_each: Callable[[], object] | None = None,
 ) -> Run:
     """``scrapes`` scrapes of a freshly started ``exporter``, labelled ``label``."""
     await in_thread(exporter.start)
     try:
         with quiet_gc():
-            run: Run = await in_thread(functools.partial(exporter.measure, scrapes, headers=headers))
+            run: Run = await in_thread(
+                functools.partial(exporter.measure, scrapes, headers=headers, before_each=before_each)
+            )
     finally:
         await in_thread(exporter.stop)
     run.exporter = label
@@ -395,21 +401,17 @@ async def busy_fleet(
     runs = []
     pgb = scenario.pgbouncer
     assert pgb is not None
-    plan = [(busy_label(label), factory, count, SCRAPE_HEADERS) for label, factory, count in factories]
     _, poolwatch_factory, poolwatch_scrapes = factories[0]  # poolwatch comes first
-    label = "poolwatch (busy, gzip as Prometheus asks)"
-    plan.insert(1, (label, poolwatch_factory, poolwatch_scrapes, PROMETHEUS_HEADERS))
+    gzip = (
+        "poolwatch (busy, gzip as Prometheus asks)",
+        poolwatch_factory,
+        poolwatch_scrapes,
+        PROMETHEUS_HEADERS,
+    )
+    plan = [(busy_label(label), factory, count, SCRAPE_HEADERS) for label, factory, count in factories]
+    plan.insert(1, gzip)
     for label, factory, count, headers in plan:
-        exporter = factory(pgb.host, pgb.port)
-        await in_thread(exporter.start)
-        try:
-            with quiet_gc():
-                run: Run = await in_thread(
-                    functools.partial(exporter.measure, count, headers=headers, before_each=churn)
-                )
-        finally:
-            await in_thread(exporter.stop)
-        run.exporter = label
+        run = await measure_variant(factory(pgb.host, pgb.port), label, count, headers, before_each=churn)
         run.extra["pools_queried_before_each_scrape"] = k
         runs.append(run)
         log(

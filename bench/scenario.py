@@ -75,11 +75,16 @@ class BenchPostgres(PostgresServer):
                     conn.execute(f'GRANT CONNECT ON DATABASE "{db}" TO "{role}"')
 
 
+def pool_names(first: int, stop: int) -> list[str]:
+    """The generated databases' names (one pool each), ``p00000`` on, from ``first`` to ``stop``."""
+    return [f"p{i:05d}" for i in range(first, stop)]
+
+
 def pool_databases(n: int, pg: PostgresServer) -> dict[str, Mapping[str, SettingValue]]:
     # over the unix socket: trusted, and no TCP port per server connection
     return {
-        f"p{i:05d}": {"host": str(pg.socket_dir), "port": pg.port, "dbname": "app", "pool_size": 1}
-        for i in range(n)
+        name: {"host": str(pg.socket_dir), "port": pg.port, "dbname": "app", "pool_size": 1}
+        for name in pool_names(0, n)
     }
 
 
@@ -225,7 +230,7 @@ class Scenario:
             conn.close()
             return None
 
-        names = [f"p{i:05d}" for i in range(n)]  # the generated entries' names, or auto-databases
+        names = pool_names(0, n)  # the generated entries' names, or auto-databases
         batch = 2000
         for first in range(0, n, batch):
             got = await asyncio.gather(*(login(name) for name in names[first : first + batch]))
@@ -245,8 +250,7 @@ class Scenario:
 
     async def _make_busy(self, pgb: PgBouncerServer, pools: int) -> None:
         """In ``pools`` pools: one client holds a transaction, one more waits behind it."""
-        for i in range(pools):
-            name = f"p{i:05d}"
+        for name in pool_names(0, pools):
             holder = await wire.connect("app", name, host=pgb.host, port=pgb.port)
             await holder.query("BEGIN; SELECT 1")
             waiter = await wire.connect("app", name, host=pgb.host, port=pgb.port)
@@ -255,7 +259,7 @@ class Scenario:
 
     def _quiet_pool_names(self) -> list[str]:
         """The generated pools that ``_make_busy`` left alone (its pools stay blocked)."""
-        return [f"p{i:05d}" for i in range(self._busy_pools, self.pools)]
+        return pool_names(self._busy_pools, self.pools)
 
     async def _query_pools(self, names: list[str], *, concurrency: int = 48, batch: int = 300) -> None:
         """One ``SELECT 1`` in each pool, through a client of its own that logs out again.

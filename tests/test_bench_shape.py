@@ -201,7 +201,7 @@ async def test_memory_floor_reads_chunks_as_whole_results(make_pgbouncer: MakePg
 async def test_busy_fleet_moves_the_counters_of_the_pools_it_says(tmp_path: Path) -> None:
     """The bench's busy fleet (``--busy``): warming runs one query in every quiet pool, each churn
     the next pools in turn, wrapping around; the pools ``_make_busy`` holds blocked are left alone."""
-    from bench.scenario import Scenario
+    from bench.scenario import Scenario, pool_names
 
     scenario = Scenario(tmp_path / "bench", max_connections=60)
     try:
@@ -222,10 +222,10 @@ async def test_busy_fleet_moves_the_counters_of_the_pools_it_says(tmp_path: Path
         after = await queries()
     finally:
         await scenario.close()
-    quiet = [f"p{i:05d}" for i in range(2, 12)]
+    held, quiet = pool_names(0, 2), pool_names(2, 12)
     assert {name: warmed[name] - before[name] for name in quiet} == dict.fromkeys(quiet, 1)
     assert {name: after[name] - warmed[name] for name in quiet} == {
         **dict.fromkeys(quiet[:6], 2),
         **dict.fromkeys(quiet[6:], 1),
     }
-    assert [after[f"p{i:05d}"] - before[f"p{i:05d}"] for i in range(2)] == [0, 0]
+    assert [after[name] - before[name] for name in held] == [0, 0]
